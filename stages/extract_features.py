@@ -1,0 +1,55 @@
+"""extract_features: the frozen backbone embeds every row of every split once, cached to disk."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.numpy import load_file, save_file
+
+from stages.backbone import embed, load_encoder, select_device
+from stages.config import BackboneConfig, ExtractConfig, load_params
+from stages.io import atomic_path, log, remove_outputs, run_main, write_json
+
+EMBEDDINGS_FILE = "embeddings.safetensors"
+META_FILE = "meta.json"
+
+
+def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractConfig) -> tuple[np.ndarray, dict]:
+    """Embeddings of `texts` (input order) and a record of how they were made."""
+    device = select_device()
+    tokenizer, model = load_encoder(backbone.name, device)
+    start = time.perf_counter()
+    vectors = embed(texts, tokenizer, model, max_length=backbone.max_length, batch_size=cfg.batch_size,
+                    precision=cfg.precision)
+    seconds = time.perf_counter() - start
+    meta = {
+        "backbone": backbone.name, "max_length": backbone.max_length, "precision": cfg.precision,
+        "device": str(device), "rows": len(texts), "dim": int(vectors.shape[1]), "seconds": round(seconds, 2),
+        "texts_per_second": round(len(texts) / max(seconds, 1e-9), 1), "torch_threads": torch.get_num_threads(),
+    }
+    return vectors, meta
+
+
+def load_features(folder: Path) -> np.ndarray:
+    return load_file(str(Path(folder) / EMBEDDINGS_FILE))["embeddings"]
+
+
+def main() -> None:
+    params = load_params()
+    remove_outputs(params.paths.features)
+    splits = pd.read_parquet(params.paths.splits)
+    vectors, meta = extract_features(splits["text"].tolist(), params.backbone, params.extract_features)
+    with atomic_path(params.paths.features) as tmp:
+        tmp.mkdir()
+        save_file({"embeddings": vectors}, str(tmp / EMBEDDINGS_FILE))
+        write_json(meta, tmp / META_FILE)
+    log.info("extract_features: %d x %d in %.1fs (%.0f texts/s on %s)", meta["rows"], meta["dim"],
+             meta["seconds"], meta["texts_per_second"], meta["device"])
+
+
+if __name__ == "__main__":
+    run_main(main)

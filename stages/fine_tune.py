@@ -1,0 +1,101 @@
+"""fine_tune: train the candidate (linear probe or full fine-tune) and, always, the no-transfer baseline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+
+from stages.backbone import load_encoder, select_device
+from stages.config import BaselineConfig, LinearProbeConfig, Params, load_params
+from stages.extract_features import load_features
+from stages.finetune_loop import finetune, seed_everything
+from stages.io import atomic_path, log, read_json, remove_outputs, run_main, write_parquet
+from stages.model import TextClassifier, head_from_sklearn, save_model
+
+
+def fit_baseline(texts: list[str], labels: np.ndarray, cfg: BaselineConfig, seed: int) -> Pipeline:
+    """The no-transfer baseline: TF-IDF n-grams + logistic regression, nothing pretrained."""
+    vectorizer = TfidfVectorizer(ngram_range=(1, cfg.ngram_max), max_features=cfg.max_features, sublinear_tf=True)
+    classifier = LogisticRegression(C=cfg.C, max_iter=2000, random_state=seed)
+    return make_pipeline(vectorizer, classifier).fit(texts, labels)
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, cfg: LinearProbeConfig, seed: int) -> LogisticRegression:
+    """The linear probe: logistic regression on frozen, L2-normalised backbone features."""
+    return LogisticRegression(C=cfg.C, max_iter=cfg.max_iter, random_state=seed).fit(features, labels)
+
+
+def _probabilities(prefix: str, proba: np.ndarray) -> dict[str, np.ndarray]:
+    return {f"{prefix}_p{k}": proba[:, k] for k in range(proba.shape[1])}
+
+
+def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
+                    folder: Path) -> tuple[np.ndarray, dict]:
+    """Fit and save the candidate into `folder`; return its probabilities for every row and a training record."""
+    cfg = params.fine_tune
+    train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
+    y = splits["label_id"].to_numpy()
+    start = time.perf_counter()
+    probe = fit_probe(features[train], y[train], cfg.linear_probe, cfg.seed)
+    head = head_from_sklearn(probe.coef_, probe.intercept_)
+    record: dict = {"probe_val_accuracy": float(probe.score(features[val], y[val]))}
+    info = {"strategy": cfg.strategy, "labels": labels, "backbone": params.backbone.name,
+            "params": params.model_dump(mode="json")}
+    if cfg.strategy == "linear_probe":
+        info["max_length"] = params.backbone.max_length
+        save_model(folder, head, info)
+        proba = probe.predict_proba(features)
+    else:
+        seed_everything(cfg.seed)
+        tokenizer, encoder = load_encoder(params.backbone.name, select_device())
+        texts = splits["text"].tolist()
+        train_log = finetune(encoder, tokenizer, head, cfg.finetune,
+                             ([t for t, m in zip(texts, train) if m], y[train]),
+                             ([t for t, m in zip(texts, val) if m], y[val]), cfg.seed)
+        record.update(epochs=train_log.epochs, best_epoch=train_log.best_epoch,
+                      train_samples_per_second=round(train_log.samples_per_second, 1))
+        info["max_length"] = cfg.finetune.max_length
+        save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)
+        classifier = TextClassifier(folder)
+        proba = np.zeros((len(splits), len(labels)), dtype=np.float32)
+        scored = ~train
+        proba[scored] = classifier.predict_proba([t for t, m in zip(texts, scored) if m])
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return proba, record
+
+
+def fine_tune(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
+              folder: Path) -> pd.DataFrame:
+    """Train candidate and baseline on the same split; return per-row probabilities of both."""
+    train = (splits["split"] == "train").to_numpy()
+    y = splits["label_id"].to_numpy()
+    baseline = fit_baseline(splits.loc[train, "text"].tolist(), y[train], params.fine_tune.baseline,
+                            params.fine_tune.seed)
+    candidate_proba, record = train_candidate(params, splits, features, labels, folder)
+    log.info("fine_tune: %s %s", params.fine_tune.strategy, record)
+    return pd.DataFrame({
+        "split": splits["split"], "domain": splits["domain"], "label_id": y,
+        **_probabilities("candidate", candidate_proba),
+        **_probabilities("baseline", baseline.predict_proba(splits["text"].tolist())),
+    })
+
+
+def main() -> None:
+    params = load_params()
+    remove_outputs(params.paths.model, params.paths.predictions)
+    splits = pd.read_parquet(params.paths.splits)
+    labels = read_json(params.paths.label_map)["labels"]
+    features = load_features(params.paths.features)
+    with atomic_path(params.paths.model) as folder:
+        predictions = fine_tune(params, splits, features, labels, folder)
+    write_parquet(predictions, params.paths.predictions)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,141 @@
+"""Full fine-tuning of backbone + head with torch (LP-FT: the head starts from the linear probe)."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from stages.backbone import autocast_for, mean_pool
+from stages.config import FinetuneConfig
+from stages.errors import PipelineError
+from stages.model import Head
+
+HEAD_LR_MULTIPLIER = 20.0  # the head is already fitted; the encoder needs far smaller steps than the head
+
+
+@dataclass
+class TrainLog:
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    samples_per_second: float = 0.0
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def freeze_lowest(encoder: PreTrainedModel, n_layers: int) -> None:
+    layers = encoder.encoder.layer
+    if n_layers > len(layers):
+        raise PipelineError(f"fine_tune.finetune.freeze_layers is {n_layers} but the backbone has "
+                            f"{len(layers)} layers; use 0..{len(layers)}")
+    if n_layers == 0:
+        return
+    for module in [encoder.embeddings, *layers[:n_layers]]:
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
+def sortish_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar-length rows: random order across batches, little padding within."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort([lengths[i] for i in part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class _Batcher:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                 device: torch.device) -> None:
+        self.tokenizer, self.device = tokenizer, device
+        self.encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        self.lengths = [len(x) for x in self.encoded["input_ids"]]
+
+    def __call__(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+        padded = self.tokenizer.pad({k: [self.encoded[k][i] for i in batch] for k in ("input_ids", "attention_mask")},
+                                    return_tensors="pt")
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in padded.items()}
+
+
+def _forward(encoder: PreTrainedModel, head: Head, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = encoder(**inputs).last_hidden_state
+    return head(mean_pool(hidden.float(), inputs["attention_mask"]))
+
+
+def accuracy(encoder: PreTrainedModel, head: Head, batcher: _Batcher, labels: np.ndarray, device: torch.device,
+             batch_size: int) -> float:
+    encoder.eval()
+    correct = 0
+    order = np.argsort(batcher.lengths)
+    with torch.inference_mode(), autocast_for(device, "fp32"):
+        for start in range(0, len(order), batch_size * 2):
+            batch = order[start:start + batch_size * 2]
+            predicted = _forward(encoder, head, batcher(batch)).argmax(dim=-1).cpu().numpy()
+            correct += int((predicted == labels[batch]).sum())
+    return correct / max(len(labels), 1)
+
+
+def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, cfg: FinetuneConfig,
+             train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray], seed: int) -> TrainLog:
+    """Train encoder and head in place; keep the weights of the best validation epoch (early stopping)."""
+    seed_everything(seed)
+    device = next(encoder.parameters()).device
+    head.to(device)
+    freeze_lowest(encoder, cfg.freeze_layers)
+    train_batcher = _Batcher(tokenizer, train[0], cfg.max_length, device)
+    val_batcher = _Batcher(tokenizer, val[0], cfg.max_length, device)
+    steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.learning_rate},
+        {"params": head.parameters(), "lr": cfg.learning_rate * HEAD_LR_MULTIPLIER},
+    ], weight_decay=cfg.weight_decay)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    rng = np.random.default_rng(seed)
+    labels = torch.as_tensor(train[1], device=device)
+    log, best, best_state, stale = TrainLog(), -1.0, None, 0
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        encoder.train()
+        losses = []
+        for batch in sortish_batches(train_batcher.lengths, cfg.batch_size, rng):
+            with autocast_for(device, "fp32"):
+                logits = _forward(encoder, head, train_batcher(batch))
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels[torch.as_tensor(batch, device=device)])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([*encoder.parameters(), *head.parameters()], 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        val_acc = accuracy(encoder, head, val_batcher, val[1], device, cfg.batch_size)
+        log.epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_acc})
+        if val_acc > best:
+            best, stale, log.best_epoch = val_acc, 0, epoch
+            best_state = (copy.deepcopy(encoder.state_dict()), copy.deepcopy(head.state_dict()))
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    log.seconds = time.perf_counter() - start
+    log.samples_per_second = len(train[0]) * len(log.epochs) / max(log.seconds, 1e-9)
+    if best_state is not None:
+        encoder.load_state_dict(best_state[0])
+        head.load_state_dict(best_state[1])
+    encoder.eval()
+    return log

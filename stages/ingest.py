@@ -1,0 +1,235 @@
+"""ingest: read the configured source, validate its schema, normalise text, write data/raw + a data report."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import re
+import tarfile
+import unicodedata
+from pathlib import Path
+
+import pandas as pd
+
+from stages.config import DataConfig, load_params
+from stages.errors import PipelineError
+from stages.io import log, remove_outputs, run_main, write_json, write_parquet
+
+# sha256 of additional_resources/hutto_ICWSM_2014.tar.gz inside vaderSentiment-3.3.2's sdist.
+VADER_INNER_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
+VADER_DOMAINS = {
+    "movieReviewSnippets": "movie",
+    "amazonReviewSnippets": "amazon",
+    "tweets": "tweets",
+    "nytEditorialSnippets": "nyt",
+}
+SUFFIX_FORMATS = {
+    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".gz": "vader",
+}
+COLUMNS = ["text", "label", "domain"]
+_SPACES = re.compile(r"[ \t\u00a0]+")
+
+
+def detect_format(source: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    if source.is_dir():
+        return "folder"
+    fmt = SUFFIX_FORMATS.get(source.suffix.lower())
+    if fmt is None:
+        raise PipelineError(
+            f"{source}: cannot tell the format from the suffix {source.suffix!r}; "
+            "set data.format to csv, tsv, parquet, jsonl, folder or vader"
+        )
+    return fmt
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    """Strict UTF-8 (BOM allowed); undecodable bytes name the file and line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise PipelineError(
+            f"{where}: byte {error.start} (line {line}) is not valid UTF-8 "
+            f"({raw[error.start:error.start + 1]!r}); re-save the file as UTF-8"
+        ) from None
+
+
+def normalise_text(text: str) -> str:
+    for _ in range(3):  # some sources escape twice ("&amp;amp;")
+        unescaped = html.unescape(text)
+        if unescaped == text:
+            break
+        text = unescaped
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _SPACES.sub(" ", text).strip()
+
+
+def read_table(source: Path, fmt: str) -> pd.DataFrame:
+    if fmt == "parquet":
+        try:
+            return pd.read_parquet(source)
+        except Exception as error:  # pyarrow raises several unrelated types for a bad file
+            raise PipelineError(f"{source}: not a readable Parquet file ({error})") from None
+    text = decode_text(source.read_bytes(), str(source))
+    if not text.strip():
+        raise PipelineError(f"{source} is empty: it needs a header and at least two labelled rows")
+    buffer = io.StringIO(text)
+    try:
+        if fmt == "jsonl":
+            return pd.read_json(buffer, lines=True, dtype=False)
+        return pd.read_csv(buffer, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
+                           na_values=[""])
+    except (ValueError, pd.errors.ParserError) as error:
+        raise PipelineError(f"{source}: cannot parse as {fmt} ({error})") from None
+
+
+def read_folder(source: Path) -> pd.DataFrame:
+    rows = []
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(class_dir.glob("*.txt")):
+            rows.append({"text": decode_text(file.read_bytes(), str(file)), "label": class_dir.name})
+    if not rows:
+        raise PipelineError(f"{source}: no <class>/<file>.txt files found; put one sub-folder of .txt files per class")
+    return pd.DataFrame(rows)
+
+
+def _decode_lenient(raw: bytes) -> str:
+    # The Hutto & Gilbert files mix UTF-8 and cp1252 line by line.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def _inner_vader_archive(source: Path) -> bytes:
+    with tarfile.open(source, "r:gz") as outer:
+        names = [m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz")]
+        if not names:
+            raise PipelineError(f"{source}: no additional_resources/hutto_ICWSM_2014.tar.gz inside; "
+                                "fetch it with `python -m stages.fetch_default`")
+        payload = outer.extractfile(names[0]).read()  # type: ignore[union-attr]
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != VADER_INNER_SHA256:
+        raise PipelineError(f"{source}: hutto_ICWSM_2014.tar.gz has sha256 {digest}, expected {VADER_INNER_SHA256}")
+    return payload
+
+
+def read_vader(source: Path, neutral_band: float) -> pd.DataFrame:
+    """The four *_GroundTruth.txt files: `id<TAB>mean rating<TAB>text`, labelled by the rating's sign."""
+    rows = []
+    with tarfile.open(fileobj=io.BytesIO(_inner_vader_archive(source)), mode="r:gz") as inner:
+        for member in inner.getmembers():
+            stem = Path(member.name).name.removesuffix("_GroundTruth.txt")
+            if stem not in VADER_DOMAINS or not member.name.endswith("_GroundTruth.txt"):
+                continue
+            for raw_line in inner.extractfile(member).read().splitlines():  # type: ignore[union-attr]
+                parts = _decode_lenient(raw_line).split("\t", 2)
+                if len(parts) != 3 or not parts[2].strip():
+                    continue
+                rating = float(parts[1])
+                if abs(rating) <= neutral_band:
+                    continue
+                label = "positive" if rating > 0 else "negative"
+                rows.append({"text": parts[2], "label": label, "domain": VADER_DOMAINS[stem]})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _bad_rows(mask: pd.Series) -> str:
+    rows = [str(i + 2) for i in mask[mask].index[:5]]  # +2: 1-based, after the header line
+    more = f" and {int(mask.sum()) - len(rows)} more" if mask.sum() > len(rows) else ""
+    return ", ".join(rows) + more
+
+
+def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path) -> pd.DataFrame:
+    """Map the user's columns onto text/label/domain; reject what cannot be trained on."""
+    wanted = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
+    if cfg.domain_column:
+        wanted["data.domain_column"] = cfg.domain_column
+    for key, column in wanted.items():
+        if column not in frame.columns:
+            raise PipelineError(f"{source}: column {column!r} (from {key}) not found; "
+                                f"columns are {list(map(str, frame.columns))}")
+    if frame.empty:
+        raise PipelineError(f"{source} has no data rows")
+    out = pd.DataFrame({
+        "text": frame[cfg.text_column],
+        "label": frame[cfg.label_column],
+        "domain": frame[cfg.domain_column] if cfg.domain_column else "all",
+    }).reset_index(drop=True)
+    for column, key in (("text", "data.text_column"), ("label", "data.label_column")):
+        missing = out[column].isna() | (out[column].astype(str).str.strip() == "")
+        if missing.any():
+            raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in row(s) "
+                                f"{_bad_rows(missing)}; fill or drop those rows")
+    out["domain"] = out["domain"].fillna("unknown").astype(str)
+    return out
+
+
+def normalise(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    out["text"] = out["text"].astype(str).map(normalise_text)
+    out["label"] = out["label"].map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip())
+    return out[COLUMNS]
+
+
+def check_classes(frame: pd.DataFrame, source: Path, label_column: str) -> None:
+    classes = frame["label"].unique()
+    if len(classes) < 2:
+        raise PipelineError(f"{source}: column {label_column!r} has a single class {list(classes)}; "
+                            "a classifier needs at least two")
+
+
+def data_report(frame: pd.DataFrame, source: Path) -> dict:
+    lengths = frame["text"].str.len()
+    words = frame["text"].str.split().str.len()
+    return {
+        "source": str(source),
+        "rows": int(len(frame)),
+        "classes": int(frame["label"].nunique()),
+        "label_counts": {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()},
+        "domain_counts": {str(k): int(v) for k, v in frame["domain"].value_counts().sort_index().items()},
+        "duplicate_texts": int(frame["text"].duplicated().sum()),
+        "chars": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+                  "p95": int(lengths.quantile(0.95)), "max": int(lengths.max())},
+        "words": {"min": int(words.min()), "mean": round(float(words.mean()), 1),
+                  "p95": int(words.quantile(0.95)), "max": int(words.max())},
+    }
+
+
+def ingest(cfg: DataConfig) -> pd.DataFrame:
+    """Read, validate and normalise the configured source into text/label/domain rows."""
+    source = cfg.source
+    if not source.exists():
+        hint = " (run `python -m stages.fetch_default` first)" if source.name.startswith("vaderSentiment") else ""
+        raise PipelineError(f"data.source {str(source)!r} does not exist{hint}")
+    fmt = detect_format(source, cfg.format)
+    if fmt == "vader":
+        frame = read_vader(source, cfg.vader_neutral_band)
+    else:
+        raw = read_folder(source) if fmt == "folder" else read_table(source, fmt)
+        if fmt == "folder":
+            raw = raw.rename(columns={"text": cfg.text_column, "label": cfg.label_column})
+            cfg = cfg.model_copy(update={"domain_column": None})
+        frame = select_columns(raw, cfg, source)
+    frame = normalise(frame)
+    check_classes(frame, source, cfg.label_column)
+    return frame
+
+
+def main() -> None:
+    params = load_params()
+    remove_outputs(params.paths.raw, params.paths.data_report)
+    frame = ingest(params.data)
+    write_parquet(frame, params.paths.raw)
+    report = data_report(frame, params.data.source)
+    write_json(report, params.paths.data_report)
+    log.info("ingest: %d rows, labels %s, domains %s", report["rows"], report["label_counts"], report["domain_counts"])
+
+
+if __name__ == "__main__":
+    run_main(main)

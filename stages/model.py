@@ -1,0 +1,95 @@
+"""The candidate model's on-disk format and the classifier that serves it: encoder -> mean pool -> linear head.
+
+A model folder holds `model.json` (labels, strategy, resolved params), `head.safetensors` (weight [C, H],
+bias [C]) and, when fine-tuning changed the encoder, `encoder/` (safetensors weights + tokenizer). A linear
+probe keeps the frozen backbone, so its folder names the backbone instead of copying it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from stages.backbone import autocast_for, length_batches, load_encoder, mean_pool, select_device
+
+MODEL_JSON = "model.json"
+HEAD_FILE = "head.safetensors"
+ENCODER_DIR = "encoder"
+
+
+class Head(torch.nn.Module):
+    """Linear classifier over L2-normalised mean-pooled embeddings."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.nn.functional.normalize(pooled, dim=-1))
+
+
+def head_from_sklearn(coef: np.ndarray, intercept: np.ndarray) -> Head:
+    """A softmax head equal to a fitted LogisticRegression (binary: logits [0, w.x + b])."""
+    weight, bias = np.asarray(coef, dtype=np.float32), np.asarray(intercept, dtype=np.float32)
+    if weight.shape[0] == 1:
+        weight = np.vstack([np.zeros_like(weight), weight])
+        bias = np.concatenate([np.zeros(1, dtype=np.float32), bias])
+    return Head(torch.from_numpy(weight), torch.from_numpy(bias))
+
+
+def save_model(folder: Path, head: Head, info: dict[str, Any], encoder: Any = None, tokenizer: Any = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": head.linear.weight.detach().cpu().contiguous(),
+               "bias": head.linear.bias.detach().cpu().contiguous()}, str(folder / HEAD_FILE))
+    if encoder is not None:
+        encoder.save_pretrained(folder / ENCODER_DIR)
+        tokenizer.save_pretrained(folder / ENCODER_DIR)
+    (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def load_head(folder: Path) -> Head:
+    tensors = load_file(str(folder / HEAD_FILE))
+    return Head(tensors["weight"], tensors["bias"])
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / MODEL_JSON).read_text(encoding="utf-8"))
+
+
+class TextClassifier:
+    """Loads a model folder; `predict_proba(texts)` and `predict(texts)` in scikit-learn's terms."""
+
+    def __init__(self, folder: Path, backbone: str | None = None, device: torch.device | None = None,
+                 batch_size: int = 64) -> None:
+        folder = Path(folder)
+        self.info = read_info(folder)
+        self.labels: list[str] = list(self.info["labels"])
+        self.max_length: int = int(self.info["max_length"])
+        self.batch_size = batch_size
+        self.device = device or select_device()
+        encoder_name = str(folder / ENCODER_DIR) if (folder / ENCODER_DIR).is_dir() else (backbone or self.info["backbone"])
+        self.tokenizer, self.encoder = load_encoder(encoder_name, self.device)
+        self.head = load_head(folder).to(self.device).eval()
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        with torch.inference_mode(), autocast_for(self.device, "fp32"):
+            for batch in length_batches([len(x) for x in encoded["input_ids"]], self.batch_size):
+                padded = self.tokenizer.pad({k: [encoded[k][i] for i in batch] for k in ("input_ids", "attention_mask")},
+                                            return_tensors="pt").to(self.device)
+                hidden = self.encoder(**padded).last_hidden_state.float()
+                logits = self.head(mean_pool(hidden, padded["attention_mask"]))
+                out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return out
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]

@@ -1,0 +1,99 @@
+"""preprocess: clean, deduplicate, map labels to ids, split (stratified, seeded), hold out domains, check leakage."""
+
+from __future__ import annotations
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from stages.config import PreprocessConfig, load_params
+from stages.errors import PipelineError
+from stages.io import log, remove_outputs, run_main, write_json, write_parquet
+
+SPLITS = ("train", "val", "test")
+HELDOUT = "heldout"
+
+
+def text_key(texts: pd.Series) -> pd.Series:
+    """The identity used for deduplication and the leakage check: case- and space-insensitive."""
+    return texts.str.lower().str.split().str.join(" ")
+
+
+def clean(frame: pd.DataFrame, min_chars: int) -> pd.DataFrame:
+    kept = frame[frame["text"].str.len() >= min_chars]
+    return kept.loc[~text_key(kept["text"]).duplicated()].reset_index(drop=True)
+
+
+def label_map(labels: pd.Series) -> dict[str, int]:
+    return {label: i for i, label in enumerate(sorted(labels.unique()))}
+
+
+def partition_domains(frame: pd.DataFrame, train_domains: list[str] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if train_domains is None:
+        return frame, frame.iloc[0:0]
+    unknown = sorted(set(train_domains) - set(frame["domain"]))
+    if unknown:
+        raise PipelineError(f"preprocess.train_domains names {unknown}, not in the data; "
+                            f"domains are {sorted(frame['domain'].unique())}")
+    inside = frame["domain"].isin(train_domains)
+    return frame[inside], frame[~inside]
+
+
+def _stratified(frame: pd.DataFrame, size: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    counts = frame["label"].value_counts()
+    if counts.min() < 2 or round(size * len(frame)) < len(counts):
+        raise PipelineError(f"preprocess: too few rows to split off a stratified {what} set "
+                            f"(label counts {counts.to_dict()}); add data or lower preprocess.{what}_size")
+    return train_test_split(frame, test_size=size, random_state=seed, stratify=frame["label"])
+
+
+def split(frame: pd.DataFrame, cfg: PreprocessConfig) -> pd.DataFrame:
+    rest, test = _stratified(frame, cfg.test_size, cfg.seed, "test")
+    train, val = _stratified(rest, cfg.val_size / (1.0 - cfg.test_size), cfg.seed, "val")
+    if cfg.n_per_class is not None:
+        train = train.sample(frac=1.0, random_state=cfg.seed).groupby("label").head(cfg.n_per_class)
+    return pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
+
+
+def check_labels(splits: pd.DataFrame) -> None:
+    seen = set(splits.loc[splits["split"] == "train", "label"])
+    unseen = splits[~splits["label"].isin(seen)]
+    if not unseen.empty:
+        where = unseen.groupby(["split", "domain"])["label"].unique().to_dict()
+        raise PipelineError(f"preprocess: labels {sorted(unseen['label'].unique())} never occur in the "
+                            f"training split but occur in {where}; add training rows for them or drop them")
+
+
+def check_leakage(splits: pd.DataFrame) -> None:
+    keys = text_key(splits["text"])
+    per_text = splits.assign(key=keys).groupby("key")["split"].nunique()
+    leaked = per_text[per_text > 1]
+    if not leaked.empty:
+        raise PipelineError(f"preprocess: {len(leaked)} text(s) occur in more than one split, "
+                            f"e.g. {leaked.index[0][:80]!r}; deduplicate the source")
+
+
+def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Return every kept row with its split (train/val/test/heldout) and label id, plus the label map."""
+    cleaned = clean(frame, cfg.min_chars)
+    in_domain, heldout = partition_domains(cleaned, cfg.train_domains)
+    if in_domain.empty:
+        raise PipelineError("preprocess: no rows left after cleaning; check data.source and preprocess.min_chars")
+    splits = pd.concat([split(in_domain, cfg), heldout.assign(split=HELDOUT)], ignore_index=True)
+    check_labels(splits)
+    check_leakage(splits)
+    mapping = label_map(splits.loc[splits["split"] == "train", "label"])
+    splits["label_id"] = splits["label"].map(mapping).astype("int64")
+    return splits[["text", "label", "label_id", "domain", "split"]], mapping
+
+
+def main() -> None:
+    params = load_params()
+    remove_outputs(params.paths.splits, params.paths.label_map)
+    splits, mapping = preprocess(pd.read_parquet(params.paths.raw), params.preprocess)
+    write_parquet(splits, params.paths.splits)
+    write_json({"labels": list(mapping), "label_to_id": mapping}, params.paths.label_map)
+    log.info("preprocess: %s", splits.groupby(["split", "domain"]).size().to_dict())
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,122 @@
+"""MLflow plumbing shared by register, deploy and batch prediction: tracking URI, lineage, the gate, aliases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from stages.config import RegisterConfig
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set; else an sqlite registry inside the project (works offline)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def configure_mlflow() -> MlflowClient:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}{'-dirty' if dirty else ''}"
+
+
+def dvc_hashes(lock_file: Path, paths: dict[str, Path]) -> dict[str, str]:
+    """md5 of each named output as recorded in dvc.lock by the stages that produced them."""
+    if not lock_file.is_file():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    recorded = {out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values()
+                for out in stage.get("outs", [])}
+    return {name: recorded[str(path)] for name, path in paths.items() if str(path) in recorded}
+
+
+def orchestration_tags() -> dict[str, str]:
+    """Prefect flow-run id and deployment, passed down by flows.pipeline when Prefect runs the stage."""
+    names = {"PIPELINE_PREFECT_FLOW_RUN_ID": "prefect.flow_run_id", "PIPELINE_PREFECT_DEPLOYMENT": "prefect.deployment"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(candidate: dict[str, float], baseline_accuracy: float, champion_accuracy: float | None,
+           cfg: RegisterConfig) -> Decision:
+    """The promotion gate: thresholds, then beat the no-transfer baseline, then beat the champion."""
+    reasons, ok = [], True
+    checks = [
+        (candidate["accuracy"] >= cfg.min_accuracy,
+         f"accuracy {candidate['accuracy']:.4f} vs register.min_accuracy {cfg.min_accuracy}"),
+        (candidate["macro_f1"] >= cfg.min_macro_f1,
+         f"macro_f1 {candidate['macro_f1']:.4f} vs register.min_macro_f1 {cfg.min_macro_f1}"),
+        (candidate["accuracy"] - baseline_accuracy > cfg.min_gain_over_baseline,
+         f"gain over baseline {candidate['accuracy'] - baseline_accuracy:+.4f} must exceed "
+         f"register.min_gain_over_baseline {cfg.min_gain_over_baseline}"),
+    ]
+    if champion_accuracy is not None:
+        checks.append((candidate["accuracy"] - champion_accuracy > cfg.min_gain_over_champion,
+                       f"gain over champion {candidate['accuracy'] - champion_accuracy:+.4f} (champion "
+                       f"{champion_accuracy:.4f} on the same test set) must exceed register.min_gain_over_champion "
+                       f"{cfg.min_gain_over_champion}"))
+    else:
+        reasons.append("no champion yet")
+    for passed, text in checks:
+        reasons.append(("pass: " if passed else "FAIL: ") + text)
+        ok = ok and passed
+    return Decision(promote=ok, reasons=reasons)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def apply_decision(client: MlflowClient, name: str, version: str, decision: Decision,
+                   previous_champion: str | None) -> None:
+    """Aliases follow the decision; the version's tags keep why, so history is queryable in the registry."""
+    client.set_model_version_tag(name, version, "gate.decision", "promoted" if decision.promote else "rejected")
+    client.set_model_version_tag(name, version, "gate.reasons", "; ".join(decision.reasons)[:4900])
+    client.set_model_version_tag(name, version, "gate.previous_champion", previous_champion or "none")
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if alias_version(client, name, CHALLENGER) is not None:
+            client.delete_registered_model_alias(name, CHALLENGER)
+    else:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+
+def rollback(client: MlflowClient, name: str, failed_version: str, previous_champion: str | None, why: str) -> None:
+    """Put `@champion` back where it was before `failed_version` took it."""
+    client.set_model_version_tag(name, failed_version, "deploy.rolled_back", why[:4900])
+    if previous_champion:
+        client.set_registered_model_alias(name, CHAMPION, previous_champion)
+    else:
+        client.delete_registered_model_alias(name, CHAMPION)
+    client.set_registered_model_alias(name, CHALLENGER, failed_version)

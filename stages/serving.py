@@ -1,0 +1,30 @@
+"""The MLflow pyfunc, logged as code (no pickle): a column `text` in; `label` and `prob_<class>` out."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+
+class TextClassifierModel(PythonModel):
+    def load_context(self, context: PythonModelContext) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from stages.model import TextClassifier
+
+        self.classifier = TextClassifier(context.artifacts["model"], backbone=context.artifacts.get("encoder"))
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if "text" not in model_input.columns:
+            raise ValueError(f"input needs a column 'text'; got columns {list(model_input.columns)}")
+        texts = model_input["text"].fillna("").astype(str).tolist()
+        proba = self.classifier.predict_proba(texts)
+        labels = self.classifier.labels
+        out = pd.DataFrame({f"prob_{label}": proba[:, i].astype("float64") for i, label in enumerate(labels)})
+        out.insert(0, "label", [labels[i] for i in proba.argmax(axis=1)])
+        return out
+
+
+mlflow.models.set_model(TextClassifierModel())

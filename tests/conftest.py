@@ -1,0 +1,130 @@
+"""Shared fixtures: a tiny slice of the real default data, the real backbone, real tools (DVC, MLflow, Prefect)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stages.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CSV = ROOT / "tests" / "data" / "tiny_sentiment.csv"  # 280 rows of the Hutto & Gilbert data (MIT)
+PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
+                 ".dvcignore"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def tiny_overrides(root: Path) -> dict:
+    """Params for a fast run on the tiny CSV: linear probe by default, lenient gate thresholds."""
+    return {
+        "data": {"source": str(TINY_CSV), "format": "auto", "text_column": "text", "label_column": "label",
+                 "domain_column": "domain"},
+        "preprocess": {"test_size": 0.25, "val_size": 0.15},
+        "backbone": {"max_length": 64},
+        "fine_tune": {"strategy": "linear_probe", "finetune": {"epochs": 1, "batch_size": 16, "max_length": 48}},
+        "register": {"min_accuracy": 0.5, "min_macro_f1": 0.4},
+        "deploy": {"startup_timeout_s": 120},
+    }
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def write_params(root: Path, overrides: dict) -> Params:
+    """params.yaml of the repo with `overrides` applied, written to `root`, with paths under `root`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = merge(params, overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_params(root / "params.yaml")
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
+    """Validated params for the tiny data, with the working directory set to a fresh tmp project."""
+    monkeypatch.chdir(tmp_path)
+    return write_params(tmp_path, tiny_overrides(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_frame() -> pd.DataFrame:
+    from stages.ingest import ingest
+
+    params = load_params(ROOT / "params.yaml")
+    cfg = params.data.model_copy(update={"source": TINY_CSV, "format": "auto", "domain_column": "domain"})
+    return ingest(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny_frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    from stages.config import PreprocessConfig
+    from stages.preprocess import preprocess
+
+    return preprocess(tiny_frame, PreprocessConfig(train_domains=["movie"], test_size=0.25, val_size=0.15))
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_splits: tuple[pd.DataFrame, dict[str, int]]) -> np.ndarray:
+    from stages.config import BackboneConfig, ExtractConfig
+    from stages.extract_features import extract_features
+
+    vectors, _ = extract_features(tiny_splits[0]["text"].tolist(), BackboneConfig(max_length=64), ExtractConfig())
+    return vectors
+
+
+def make_project(root: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC project holding this repo's code, params for the tiny data, and its own MLflow db."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    (root / "data").mkdir(exist_ok=True)
+    shutil.copy2(TINY_CSV, root / "data" / TINY_CSV.name)
+    local_source = {"data": {"source": f"data/{TINY_CSV.name}"}}
+    write_params(root, merge(merge(tiny_overrides(root), local_source), overrides or {}))
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], cwd=root, check=True)
+    return root
+
+
+def project_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(root)
+    return env
+
+
+def run(cmd: list[str], root: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project on which `dvc repro` ran the whole DAG once."""
+    root = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    run([sys.executable, "-m", "dvc", "repro"], root)
+    return root

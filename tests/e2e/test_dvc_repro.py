@@ -1,0 +1,53 @@
+"""`dvc repro` end to end on the tiny data: all seven stages, no-op rerun, partial rerun, metrics, plots, exp run."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.io import read_json
+from tests.conftest import run
+
+pytestmark = pytest.mark.e2e
+DVC = [sys.executable, "-m", "dvc"]
+STAGES = ["ingest", "preprocess", "extract_features", "fine_tune", "evaluate", "register", "deploy"]
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def test_first_repro_runs_every_stage(pipeline_project: Path) -> None:
+    root = pipeline_project
+    lock = (root / "dvc.lock").read_text()
+    assert all(f"  {stage}:" in lock for stage in STAGES)
+    assert read_json(root / "reports/deployment.json")["status"] == "ok"
+    assert read_json(root / "reports/registry.json")["decision"] == "promoted"
+    metrics = read_json(root / "metrics/metrics.json")
+    assert set(metrics["domains"]) == {"amazon", "nyt", "tweets"}
+
+
+def test_metrics_and_plots_show(pipeline_project: Path) -> None:
+    shown = json.loads(run([*DVC, "metrics", "show", "--json"], pipeline_project).stdout)
+    flat = json.dumps(shown)
+    assert "candidate_accuracy" in flat and "transfer_gain" in flat
+    run([*DVC, "plots", "show", "-o", "dvc_plots"], pipeline_project)
+    html = (pipeline_project / "dvc_plots" / "index.html").read_text()
+    assert "confusion" in html.lower() and "per_domain" in html
+
+
+def test_second_repro_runs_nothing(pipeline_project: Path) -> None:
+    result = run([*DVC, "repro"], pipeline_project)
+    assert ran(result.stdout) == []
+    assert "Data and pipelines are up to date" in result.stdout + result.stderr
+
+
+def test_changing_a_fine_tune_param_reruns_only_downstream(pipeline_project: Path) -> None:
+    before = read_json(pipeline_project / "reports/registry.json")["version"]
+    result = run([*DVC, "exp", "run", "-S", "fine_tune.linear_probe.C=0.5"], pipeline_project)
+    assert ran(result.stdout) == ["fine_tune", "evaluate", "register", "deploy"]
+    after = read_json(pipeline_project / "reports/registry.json")
+    assert int(after["version"]) == int(before) + 1
+    assert "register.min_accuracy" in " ".join(after["reasons"])
+    run([*DVC, "exp", "show", "--json"], pipeline_project)

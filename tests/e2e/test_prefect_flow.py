@@ -1,0 +1,106 @@
+"""The Prefect flow through a real Prefect server: one task per dvc.yaml stage, sharing DVC's lock and cache."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from flows.dag import read_dag
+from tests.conftest import ROOT, make_project, project_env, run
+
+pytestmark = pytest.mark.e2e
+STAGES = ["ingest", "preprocess", "extract_features", "fine_tune", "evaluate", "register", "deploy"]
+
+
+def test_dag_is_read_from_dvc_yaml() -> None:
+    specs = read_dag(ROOT)
+    assert [s.name for s in specs] == STAGES
+    by_name = {s.name: s for s in specs}
+    assert by_name["fine_tune"].upstream == ("extract_features", "preprocess")
+    assert by_name["fine_tune"].tags == ("gpu",) and by_name["fine_tune"].retries == 0
+    assert by_name["register"].retries > 0 and all(s.timeout_seconds for s in specs)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    home = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "PREFECT_UI_ENABLED": "false"}
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, (home / "server.log").read_text()
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, (home / "server.log").read_text()
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _flow(root: Path, api: str) -> subprocess.CompletedProcess:
+    env = project_env(root) | {"PREFECT_API_URL": api}
+    return subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _post(api: str, path: str, body: dict) -> list[dict]:
+    response = requests.post(f"{api}/{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_flow_runs_the_dag_on_a_real_server(prefect_server: str, tmp_path: Path) -> None:
+    root = make_project(tmp_path / "project")
+    first = _flow(root, prefect_server)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    flow_runs = _post(prefect_server, "flow_runs/filter", {})
+    assert len(flow_runs) == 1 and flow_runs[0]["state_type"] == "COMPLETED"
+    task_runs = _post(prefect_server, "task_runs/filter", {})
+    assert sorted(t["name"] for t in task_runs) == sorted(STAGES)
+    assert {t["name"]: t["tags"] for t in task_runs}["extract_features"] == ["gpu"]
+    artifacts = _post(prefect_server, "artifacts/filter", {})
+    summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
+    assert "transfer gain" in summary and "Registry:" in summary
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("transfer-classifier", "champion")
+    assert version.tags["prefect.flow_run_id"] == flow_runs[0]["id"]
+
+    # Same lock and cache as `dvc repro`: nothing changed, so nothing runs, under either entry point.
+    second = _flow(root, prefect_server)
+    assert second.returncode == 0 and '"skipped": false' not in second.stdout
+    assert "Data and pipelines are up to date" in run([sys.executable, "-m", "dvc", "repro"], root).stdout
+
+
+def test_a_failing_stage_fails_the_flow(prefect_server: str, tmp_path: Path) -> None:
+    root = make_project(tmp_path / "broken", {"preprocess": {"train_domains": ["films"]}})
+    result = _flow(root, prefect_server)
+    assert result.returncode != 0
+    assert "preprocess.train_domains names ['films']" in result.stdout + result.stderr

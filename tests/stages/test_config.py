@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import load_params
+from stages.errors import PipelineError
+from tests.conftest import ROOT
+
+
+def _params_with(tmp_path: Path, section: str, key: str, value: object) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_repo_params_are_valid() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.fine_tune.strategy in {"linear_probe", "finetune"}
+    assert params.paths.raw.suffix == ".parquet"
+
+
+@pytest.mark.parametrize(("section", "key", "value", "named"), [
+    ("fine_tune", "strategy", "magic", "fine_tune.strategy"),
+    ("preprocess", "test_size", 1.5, "preprocess.test_size"),
+    ("extract_features", "precision", "fp8", "extract_features.precision"),
+    ("register", "min_accuracy", 2, "register.min_accuracy"),
+    ("backbone", "bogus_knob", 1, "backbone.bogus_knob"),
+])
+def test_bad_param_names_the_key(tmp_path: Path, section: str, key: str, value: object, named: str) -> None:
+    with pytest.raises(PipelineError, match=named.replace(".", r"\.")) as error:
+        load_params(_params_with(tmp_path, section, key, value))
+    assert repr(value) in str(error.value) or key == "bogus_knob"
+
+
+def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="not found"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from stages.config import Params
+from stages.errors import PipelineError
+from stages.fine_tune import fine_tune
+from stages.model import HEAD_FILE, TextClassifier, read_info
+
+LABELS = ["negative", "positive"]
+
+
+def _accuracy(predictions: pd.DataFrame, model: str) -> float:
+    """Accuracy over every row not trained on (test + held-out domains: 160 rows, so chance is clearly ruled out)."""
+    rows = predictions[~predictions["split"].isin(["train", "val"])]
+    return float((rows[[f"{model}_p0", f"{model}_p1"]].to_numpy().argmax(1) == rows["label_id"]).mean())
+
+
+def test_linear_probe_beats_chance_and_saves_safetensors(tiny_params: Params, tiny_splits: tuple,
+                                                         tiny_features: np.ndarray, tmp_path: Path) -> None:
+    predictions = fine_tune(tiny_params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
+    assert _accuracy(predictions, "candidate") >= 0.6
+    assert _accuracy(predictions, "baseline") > 0.0  # the no-transfer baseline is always trained and scored
+    assert set(load_file(str(tmp_path / "model" / HEAD_FILE))) == {"weight", "bias"}
+    info = read_info(tmp_path / "model")
+    assert info["strategy"] == "linear_probe" and info["params"]["fine_tune"]["seed"] == 0
+
+
+def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,
+                                                tmp_path: Path) -> None:
+    predictions = fine_tune(tiny_params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
+    test = tiny_splits[0]["split"] == "test"
+    reloaded = TextClassifier(tmp_path / "model").predict_proba(tiny_splits[0].loc[test, "text"].tolist())
+    assert np.allclose(reloaded, predictions.loc[test, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=1e-4)
+
+
+def test_finetune_trains_backbone_and_is_seeded(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,
+                                                tmp_path: Path) -> None:
+    params = tiny_params.model_copy(update={"fine_tune": tiny_params.fine_tune.model_copy(update={"strategy": "finetune"})})
+    first = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "a")
+    second = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "b")
+    assert (tmp_path / "a" / "encoder" / "model.safetensors").exists()
+    pd.testing.assert_frame_equal(first, second)  # same seed, same CPU run
+    assert _accuracy(first, "candidate") >= 0.6
+    train = read_info(tmp_path / "a")["train"]
+    assert train["best_epoch"] == 1 and train["train_samples_per_second"] > 0
+
+
+def test_freezing_more_layers_than_exist_names_the_param(tiny_params: Params, tiny_splits: tuple,
+                                                         tiny_features: np.ndarray, tmp_path: Path) -> None:
+    ft = tiny_params.fine_tune
+    params = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
+        "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"freeze_layers": 9})})})
+    with pytest.raises(PipelineError, match="fine_tune.finetune.freeze_layers is 9 but the backbone has 6"):
+        fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "m")

@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages.config import DataConfig
+from stages.errors import PipelineError
+from stages.fetch_default import DEFAULT_TARGET
+from stages.ingest import data_report, ingest
+from tests.conftest import ROOT, TINY_CSV, make_project, project_env
+
+
+def _cfg(source: Path, **kw: object) -> DataConfig:
+    return DataConfig(source=source, **({"domain_column": None} | kw))
+
+
+def test_reads_csv_with_domains(tiny_frame: pd.DataFrame) -> None:
+    assert list(tiny_frame.columns) == ["text", "label", "domain"]
+    assert set(tiny_frame["domain"]) == {"movie", "amazon", "tweets", "nyt"}
+    assert set(tiny_frame["label"]) == {"negative", "positive"}
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl", "parquet"])
+def test_other_formats_and_column_names(tmp_path: Path, fmt: str) -> None:
+    frame = pd.read_csv(TINY_CSV).rename(columns={"text": "review", "label": "stars"}).head(40)
+    frame["stars"] = (frame["stars"] == "positive").astype(int) + 1  # integer labels 1/2
+    path = tmp_path / f"data.{fmt}"
+    {"tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+     "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     "parquet": lambda: frame.to_parquet(path)}[fmt]()
+    out = ingest(_cfg(path, text_column="review", label_column="stars"))
+    assert len(out) == 40 and set(out["label"]) == {"1", "2"} and set(out["domain"]) == {"all"}
+
+
+def test_folder_of_text_files(tmp_path: Path) -> None:
+    for label, texts in {"pos": ["a lovely film", "great fun"], "neg": ["awful", "a bore"]}.items():
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (tmp_path / "data" / label / f"{i}.txt").write_text(text)
+    out = ingest(_cfg(tmp_path / "data"))
+    assert sorted(out["label"]) == ["neg", "neg", "pos", "pos"]
+
+
+def test_normalises_html_entities_and_line_endings(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes(b'text,label\r\n"fish &amp; chips\r\nrock",a\r\nplain,b\r\n')
+    assert ingest(_cfg(path))["text"].tolist() == ["fish & chips\nrock", "plain"]
+
+
+def test_builtin_default_has_four_domains() -> None:
+    source = ROOT / DEFAULT_TARGET
+    if not source.exists():
+        pytest.skip("default data not fetched: run `python -m stages.fetch_default`")
+    frame = ingest(DataConfig(source=source, domain_column="domain"))
+    report = data_report(frame, source)
+    assert report["domain_counts"] == {"amazon": 3610, "movie": 10568, "nyt": 4946, "tweets": 4196}
+    assert not frame["text"].str.contains("&amp;|\r", regex=True).any()
+
+
+@pytest.mark.parametrize(("content", "kw", "message"), [
+    (b"", {}, "is empty"),
+    (b"body,label\nhi,a\nyo,b\n", {}, r"column 'text' \(from data.text_column\) not found"),
+    (b"text,label\nhi,a\nyo,a\n", {}, "single class"),
+    (b"text,label\nhi,a\n,b\nyo,b\n", {}, r"column 'text' is empty or null in row\(s\) 3"),
+    (b"text,label\nhi,a\nyo,\n", {}, r"column 'label' is empty or null"),
+    (b"text,label\nhi,a\nyo \xff\xfe,b\n", {}, "line 3 is not valid UTF-8|not valid UTF-8"),
+    (b"text,label\nhi,a\n", {"domain_column": "site"}, r"column 'site' \(from data.domain_column\)"),
+])
+def test_bad_input_names_file_and_column(tmp_path: Path, content: bytes, kw: dict, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError, match=message) as error:
+        ingest(_cfg(path, **kw))
+    assert str(path) in str(error.value)
+
+
+def test_missing_source_says_how_to_fetch(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="fetch_default"):
+        ingest(_cfg(tmp_path / "vaderSentiment-3.3.2.tar.gz"))
+
+
+def test_stage_fails_cleanly_and_leaves_no_output(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "p")
+    (root / "data" / "tiny_sentiment.csv").write_text("text,label,domain\nonly,one,movie\nclass,one,movie\n")
+    stale = root / "data" / "raw" / "dataset.parquet"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier run")
+    result = subprocess.run([sys.executable, "-m", "stages.ingest"], cwd=root, env=project_env(root),
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "single class" in result.stderr and "Traceback" not in result.stderr
+    assert not stale.exists() and not (root / "reports" / "data_report.json").exists()
+    assert not list(stale.parent.glob(".*"))  # no temporary leftovers either
+
+
+def test_report_counts(tiny_frame: pd.DataFrame) -> None:
+    report = data_report(tiny_frame, TINY_CSV)
+    assert report["rows"] == 280 and report["label_counts"] == {"negative": 140, "positive": 140}
+    json.dumps(report)

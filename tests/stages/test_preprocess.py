@@ -1,0 +1,64 @@
+import pandas as pd
+import pytest
+
+from stages.config import PreprocessConfig
+from stages.errors import PipelineError
+from stages.preprocess import check_leakage, preprocess, text_key
+
+
+def test_splits_are_stratified_and_domains_held_out(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
+    splits, mapping = tiny_splits
+    assert mapping == {"negative": 0, "positive": 1}
+    in_domain = splits[splits["split"] != "heldout"]
+    assert set(in_domain["domain"]) == {"movie"}
+    assert set(splits.loc[splits["split"] == "heldout", "domain"]) == {"amazon", "tweets", "nyt"}
+    for name, group in in_domain.groupby("split"):
+        share = (group["label"] == "positive").mean()
+        assert 0.4 <= share <= 0.6, name
+    assert abs((in_domain["split"] == "test").mean() - 0.25) < 0.02
+
+
+def test_no_text_in_two_splits(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
+    splits = tiny_splits[0]
+    assert splits.assign(k=text_key(splits["text"])).groupby("k")["split"].nunique().max() == 1
+
+
+def test_seeded_split_is_repeatable(tiny_frame: pd.DataFrame) -> None:
+    cfg = PreprocessConfig(train_domains=["movie"], seed=3)
+    first, _ = preprocess(tiny_frame, cfg)
+    second, _ = preprocess(tiny_frame, cfg)
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_duplicates_collapse_before_splitting(tiny_frame: pd.DataFrame) -> None:
+    doubled = pd.concat([tiny_frame, tiny_frame.assign(text=tiny_frame["text"].str.upper())])
+    splits, _ = preprocess(doubled, PreprocessConfig(train_domains=["movie"]))
+    assert len(splits) == len(tiny_frame)
+
+
+def test_few_shot_subsampling(tiny_frame: pd.DataFrame) -> None:
+    splits, _ = preprocess(tiny_frame, PreprocessConfig(train_domains=["movie"], n_per_class=8))
+    assert splits[splits["split"] == "train"]["label"].value_counts().to_dict() == {"negative": 8, "positive": 8}
+
+
+def test_unknown_training_domain_is_named(tiny_frame: pd.DataFrame) -> None:
+    with pytest.raises(PipelineError, match=r"preprocess.train_domains names \['films'\]"):
+        preprocess(tiny_frame, PreprocessConfig(train_domains=["films"]))
+
+
+def test_label_unseen_in_training_is_rejected(tiny_frame: pd.DataFrame) -> None:
+    odd = tiny_frame.copy()
+    odd.loc[odd["domain"] == "nyt", "label"] = "neutral"
+    with pytest.raises(PipelineError, match=r"labels \['neutral'\] never occur in the training split"):
+        preprocess(odd, PreprocessConfig(train_domains=["movie"]))
+
+
+def test_leakage_check_catches_shared_text() -> None:
+    leaky = pd.DataFrame({"text": ["Same  text", "same text"], "split": ["train", "test"]})
+    with pytest.raises(PipelineError, match="more than one split"):
+        check_leakage(leaky)
+
+
+def test_too_small_to_stratify(tiny_frame: pd.DataFrame) -> None:
+    with pytest.raises(PipelineError, match="too few rows"):
+        preprocess(tiny_frame.head(3), PreprocessConfig())

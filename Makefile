@@ -33,8 +33,8 @@ flow: data  ## the same DAG as a Prefect flow
 test: data  ## unit + end-to-end tests
 	$(BIN)/python -m pytest
 
-bench: setup  ## speed and accuracy vs the peers, side by side
-	$(BIN)/python -m benchmarks.run
+bench: data  ## speed and accuracy vs the peers, side by side
+	$(BIN)/python -m benchmarks.run --out reports/benchmarks.json
 
 clean:
 	rm -rf $(VENV)

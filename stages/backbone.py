@@ -32,11 +32,18 @@ def select_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """fp32: exact. bf16: bf16 autocast anywhere. auto: mixed precision on CUDA (bf16, else fp16), exact on CPU."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
 def autocast_for(device: torch.device, precision: str) -> torch.autocast | nullcontext:
-    if precision == "bf16" or device.type == "cuda":
-        dtype = torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return nullcontext()
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -69,7 +76,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, *, max_length: int,
-          batch_size: int, precision: str = "fp32", normalize: bool = True) -> np.ndarray:
+          batch_size: int, precision: str = "auto", normalize: bool = True) -> np.ndarray:
     """Embed `texts` with the frozen encoder; rows come back in input order, float32."""
     device = next(model.parameters()).device
     encoded = tokenizer(texts, truncation=True, max_length=max_length)

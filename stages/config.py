@@ -64,7 +64,7 @@ class BackboneConfig(_Section):
 
 class ExtractConfig(_Section):
     batch_size: int = Field(64, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class LinearProbeConfig(_Section):
@@ -76,6 +76,7 @@ class FinetuneConfig(_Section):
     epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-5, gt=0.0, lt=1.0)
+    head_learning_rate_multiplier: float = Field(20.0, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_layers: int = Field(0, ge=0)

@@ -15,6 +15,7 @@ from stages.backbone import load_encoder, select_device
 from stages.config import BaselineConfig, LinearProbeConfig, Params, load_params
 from stages.extract_features import load_features
 from stages.finetune_loop import finetune, seed_everything
+from stages.errors import PipelineError
 from stages.io import atomic_path, log, read_json, remove_outputs, run_main, write_parquet
 from stages.model import TextClassifier, head_from_sklearn, save_model
 
@@ -92,6 +93,9 @@ def main() -> None:
     splits = pd.read_parquet(params.paths.splits)
     labels = read_json(params.paths.label_map)["labels"]
     features = load_features(params.paths.features)
+    if len(features) != len(splits):
+        raise PipelineError(f"{params.paths.features} holds {len(features)} rows but {params.paths.splits} has "
+                            f"{len(splits)}; run `dvc repro extract_features` to rebuild the features")
     with atomic_path(params.paths.model) as folder:
         predictions = fine_tune(params, splits, features, labels, folder)
     write_parquet(predictions, params.paths.predictions)

@@ -11,12 +11,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from stages.backbone import autocast_for, mean_pool
+from stages.backbone import autocast_dtype, autocast_for, mean_pool
 from stages.config import FinetuneConfig
 from stages.errors import PipelineError
 from stages.model import Head
-
-HEAD_LR_MULTIPLIER = 20.0  # the head is already fitted; the encoder needs far smaller steps than the head
 
 
 @dataclass
@@ -82,7 +80,7 @@ def accuracy(encoder: PreTrainedModel, head: Head, batcher: _Batcher, labels: np
     encoder.eval()
     correct = 0
     order = np.argsort(batcher.lengths)
-    with torch.inference_mode(), autocast_for(device, "fp32"):
+    with torch.inference_mode(), autocast_for(device, "auto"):
         for start in range(0, len(order), batch_size * 2):
             batch = order[start:start + batch_size * 2]
             predicted = _forward(encoder, head, batcher(batch)).argmax(dim=-1).cpu().numpy()
@@ -102,24 +100,28 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     optimizer = torch.optim.AdamW([
         {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.learning_rate},
-        {"params": head.parameters(), "lr": cfg.learning_rate * HEAD_LR_MULTIPLIER},
+        {"params": head.parameters(), "lr": cfg.learning_rate * cfg.head_learning_rate_multiplier},
     ], weight_decay=cfg.weight_decay)
     total = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     rng = np.random.default_rng(seed)
-    labels = torch.as_tensor(train[1], device=device)
+    labels = torch.as_tensor(np.array(train[1]), device=device)
+    # fp16 (CUDA without bf16) needs loss scaling; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, "auto") == torch.float16)
     log, best, best_state, stale = TrainLog(), -1.0, None, 0
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         encoder.train()
         losses = []
         for batch in sortish_batches(train_batcher.lengths, cfg.batch_size, rng):
-            with autocast_for(device, "fp32"):
+            with autocast_for(device, "auto"):
                 logits = _forward(encoder, head, train_batcher(batch))
             loss = torch.nn.functional.cross_entropy(logits.float(), labels[torch.as_tensor(batch, device=device)])
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([*encoder.parameters(), *head.parameters()], 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())

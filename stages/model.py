@@ -82,7 +82,7 @@ class TextClassifier:
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        with torch.inference_mode(), autocast_for(self.device, "fp32"):
+        with torch.inference_mode(), autocast_for(self.device, "auto"):
             for batch in length_batches([len(x) for x in encoded["input_ids"]], self.batch_size):
                 padded = self.tokenizer.pad({k: [encoded[k][i] for i in batch] for k in ("input_ids", "attention_mask")},
                                             return_tensors="pt").to(self.device)

@@ -83,12 +83,13 @@ def register(params: Params) -> dict:
         candidate = evaluation["test"]["candidate"]
         champ_acc = champion_accuracy(cfg.model_name, previous, test)
         decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champ_acc, cfg)
-        apply_decision(client, cfg.model_name, registered.version, decision, previous)
+        version = str(registered.version)
+        apply_decision(client, cfg.model_name, version, decision, previous)
         mlflow.set_tags({"gate.decision": "promoted" if decision.promote else "rejected",
-                         "registered_version": registered.version})
+                         "registered_version": version})
     return {
-        "model_name": cfg.model_name, "version": registered.version, "run_id": run.info.run_id,
-        "model_uri": f"models:/{cfg.model_name}/{registered.version}",
+        "model_name": cfg.model_name, "version": version, "run_id": run.info.run_id,
+        "model_uri": f"models:/{cfg.model_name}/{version}",
         "decision": "promoted" if decision.promote else "rejected", "reasons": decision.reasons,
         "candidate_accuracy": candidate["accuracy"], "baseline_accuracy": evaluation["test"]["baseline"]["accuracy"],
         "champion_accuracy": champ_acc, "previous_champion": previous,

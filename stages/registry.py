@@ -93,7 +93,7 @@ def decide(candidate: dict[str, float], baseline_accuracy: float, champion_accur
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 

@@ -17,7 +17,7 @@ from stages.config import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CSV = ROOT / "tests" / "data" / "tiny_sentiment.csv"  # 280 rows of the Hutto & Gilbert data (MIT)
-PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
+PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +32,7 @@ def tiny_overrides(root: Path) -> dict:
                  "domain_column": "domain"},
         "preprocess": {"test_size": 0.25, "val_size": 0.15},
         "backbone": {"max_length": 64},
-        "fine_tune": {"strategy": "linear_probe", "finetune": {"epochs": 1, "batch_size": 16, "max_length": 48}},
+        "fine_tune": {"strategy": "linear_probe", "linear_probe": {"C": 10.0}, "finetune": {"epochs": 1, "batch_size": 16, "max_length": 48}},
         "register": {"min_accuracy": 0.5, "min_macro_f1": 0.4},
         "deploy": {"startup_timeout_s": 120},
     }

@@ -104,3 +104,16 @@ def test_a_failing_stage_fails_the_flow(prefect_server: str, tmp_path: Path) -> 
     result = _flow(root, prefect_server)
     assert result.returncode != 0
     assert "preprocess.train_domains names ['films']" in result.stdout + result.stderr
+
+
+def test_deployment_declares_cron_schedule_on_the_gpu_pool(prefect_server: str, tmp_path: Path) -> None:
+    root = make_project(tmp_path / "deploy")
+    env = project_env(root) | {"PREFECT_API_URL": prefect_server, "PIPELINE_PROJECT_DIR": str(root)}
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    for cmd in (["work-pool", "create", "gpu-pool", "--type", "process"], ["deploy", "--all"]):
+        result = subprocess.run([*prefect, *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (deployment,) = _post(prefect_server, "deployments/filter", {})
+    assert deployment["name"] == "nightly" and deployment["work_pool_name"] == "gpu-pool"
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+    assert deployment["entrypoint"] == "flows/pipeline.py:pipeline"

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 
@@ -56,10 +57,11 @@ def test_mlflow_serves_the_champion(pipeline_project: Path, tmp_path: Path) -> N
 
 def test_batch_prediction_scores_a_file(pipeline_project: Path, tmp_path: Path) -> None:
     source = tmp_path / "texts.csv"
-    source.write_text("review\nwhat a wonderful, moving film\nthe worst film I have seen this year\n")
+    pd.DataFrame({"review": ["a wonderful, moving and beautiful film", "an awful, boring, terrible film"]}).to_csv(
+        source, index=False)
     out = tmp_path / "scored.csv"
     run([sys.executable, "-m", "stages.batch_predict", "--input", str(source), "--text-column", "review",
          "--output", str(out)], pipeline_project)
-    lines = out.read_text().splitlines()
-    assert lines[0].startswith("review,label,prob_negative,prob_positive")
-    assert ",positive," in lines[1] and ",negative," in lines[2]
+    scored = pd.read_csv(out)
+    assert list(scored.columns) == ["review", "label", "prob_negative", "prob_positive"]
+    assert scored["label"].tolist() == ["positive", "negative"]

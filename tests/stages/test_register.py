@@ -54,20 +54,20 @@ def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     first = read_json(root / "reports/registry.json")
     name = first["model_name"]
     assert first["decision"] == "promoted" and first["previous_champion"] is None
-    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
     run(register, root)  # the same model again: a tie with the champion on the same test set
     second = read_json(root / "reports/registry.json")
     assert second["decision"] == "rejected" and second["champion_accuracy"] == second["candidate_accuracy"]
-    assert client.get_model_version_by_alias(name, "champion").version == "1"
-    assert client.get_model_version_by_alias(name, "challenger").version == "2"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     assert client.get_model_version(name, "2").tags["gate.decision"] == "rejected"
 
     _set(root, "register", "min_gain_over_champion", -0.01)
     run(register, root)
     third = read_json(root / "reports/registry.json")
     assert third["decision"] == "promoted" and third["previous_champion"] == "1"
-    assert client.get_model_version_by_alias(name, "champion").version == "3"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
     version = client.get_model_version(name, "3")
     assert version.tags["gate.previous_champion"] == "1"
     assert len(version.tags["git_commit"]) >= 40 and version.tags["dvc.raw"] and version.tags["dvc.features"]
@@ -87,5 +87,5 @@ def test_failed_smoke_test_rolls_the_champion_back(fresh_registry: Path) -> None
     record = read_json(root / "reports/deployment.json")
     assert record["status"] == "rolled_back" and record["champion_after"] is None
     assert "champion" not in client.get_registered_model(name).aliases
-    assert client.get_model_version_by_alias(name, "challenger").version == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
     assert "deploy.rolled_back" in client.get_model_version(name, "1").tags

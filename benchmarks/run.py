@@ -1,0 +1,237 @@
+"""Benchmark the pipeline against peer libraries, measured in the same run, on the same data and model.
+
+What it measures (the project's default data and backbone, from params.yaml in the current directory):
+  1. feature extraction throughput (texts/s) of `stages.extract_features` (fp32 and bf16) against
+     `sentence_transformers.SentenceTransformer.encode` with the same model, max length and batch size,
+     plus the minimum cosine similarity between our embeddings and the peer's;
+  2. fine-tuning throughput (samples/s) and test accuracy of the project's torch loop (LP-FT: linear probe,
+     then `stages.finetune_loop.finetune`) against `transformers.Trainer` with the same hyperparameters.
+
+Run from the project root:  python -m benchmarks.run [--quick] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import transformers
+
+from stages.backbone import load_encoder, resolve_backbone
+from stages.config import Params, load_params
+from stages.extract_features import extract_features
+from stages.fine_tune import fit_probe
+from stages.finetune_loop import finetune, seed_everything
+from stages.ingest import ingest
+from stages.model import TextClassifier, head_from_sklearn, save_model
+from stages.preprocess import preprocess
+
+Row = tuple[str, float, float, str]  # name, ours, peer, peer description
+
+
+def load_splits(params: Params) -> tuple[pd.DataFrame, list[str]]:
+    splits, label_map = preprocess(ingest(params.data), params.preprocess)
+    return splits, sorted(label_map, key=label_map.get)
+
+
+def subset(splits: pd.DataFrame, name: str, n: int | None, seed: int) -> tuple[list[str], np.ndarray]:
+    part = splits[splits["split"] == name]
+    if n is not None and n < len(part):
+        part = part.sample(n=n, random_state=seed)
+    return part["text"].tolist(), part["label_id"].to_numpy().copy()
+
+
+def min_cosine(ours: np.ndarray, theirs: np.ndarray) -> float:
+    theirs = theirs / np.linalg.norm(theirs, axis=1, keepdims=True).clip(min=1e-12)
+    return float((ours * theirs).sum(axis=1).min())
+
+
+def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int) -> dict[str, Any]:
+    """Our extract_features (fp32, bf16) vs SentenceTransformer.encode, interleaved, best of `repeats`.
+
+    Our texts/s is embedding time only (meta["seconds"]), like the peer's encode of an already loaded model;
+    `texts_per_s_incl_load` adds the model load that every extract_features call does. bf16 embeds only the
+    first `bf16_rows` texts (a random sample like the rest): without AVX512-BF16/AMX, CPU bf16 is very slow.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    batch = params.extract_features.batch_size
+    peer = SentenceTransformer(resolve_backbone(params.backbone.name), device="cpu")
+    peer.max_seq_length = params.backbone.max_length
+    cfgs = {p: params.extract_features.model_copy(update={"precision": p}) for p in ("fp32", "bf16")}
+    peer.encode(texts[:8], batch_size=batch)  # untimed warm-ups
+    for cfg in cfgs.values():
+        extract_features(texts[:8], params.backbone, cfg)
+    runs: dict[str, list[tuple[float, float]]] = {"peer": [], "fp32": [], "bf16": []}
+    vectors: dict[str, np.ndarray] = {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        vectors["peer"] = peer.encode(texts, batch_size=batch, convert_to_numpy=True)
+        runs["peer"].append((time.perf_counter() - start,) * 2)
+        for precision, cfg in cfgs.items():
+            part = texts if precision == "fp32" else texts[:bf16_rows]
+            start = time.perf_counter()
+            vectors[precision], meta = extract_features(part, params.backbone, cfg)
+            runs[precision].append((max(meta["seconds"], 1e-9), time.perf_counter() - start))
+    rows = {"peer": len(texts), "fp32": len(texts), "bf16": min(bf16_rows, len(texts))}
+    best = {k: (rows[k] / min(r[0] for r in v), rows[k] / min(r[1] for r in v)) for k, v in runs.items()}
+    out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": best["peer"][0],
+                           "seconds": {k: [r[0] for r in v] for k, v in runs.items()}}
+    for precision in cfgs:
+        out[precision] = {"texts_per_s": best[precision][0], "texts_per_s_incl_load": best[precision][1],
+                          "min_cosine": min_cosine(vectors[precision], vectors["peer"][:rows[precision]]),
+                          "rows": rows[precision]}
+    return out
+
+
+def bench_ours(params: Params, train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray],
+               test: tuple[list[str], np.ndarray], labels: list[str]) -> dict[str, Any]:
+    """LP-FT as `stages.fine_tune.train_candidate` does it for strategy 'finetune'."""
+    ft, seed = params.fine_tune, params.fine_tune.seed
+    cfg = ft.finetune.model_copy(update={"epochs": 1})
+    start = time.perf_counter()
+    features, _ = extract_features(train[0], params.backbone, params.extract_features)
+    extract_s = time.perf_counter() - start
+    start = time.perf_counter()
+    probe = fit_probe(features, train[1], ft.linear_probe, seed)
+    probe_s = time.perf_counter() - start
+    head = head_from_sklearn(probe.coef_, probe.intercept_)
+    seed_everything(seed)
+    tokenizer, encoder = load_encoder(params.backbone.name, torch.device("cpu"))
+    train_log = finetune(encoder, tokenizer, head, cfg, train, val, seed)
+    info = {"labels": labels, "max_length": cfg.max_length, "backbone": params.backbone.name, "strategy": "finetune"}
+    with tempfile.TemporaryDirectory() as folder:
+        save_model(Path(folder), head.cpu(), info, encoder=encoder.cpu(), tokenizer=tokenizer)
+        classifier = TextClassifier(Path(folder), device=torch.device("cpu"))
+        predicted = classifier.predict_proba(test[0]).argmax(axis=1)
+    rows = len(train[0]) * len(train_log.epochs)
+    return {"train_s": train_log.seconds, "samples_per_s": train_log.samples_per_second,
+            "probe_extract_s": extract_s, "probe_fit_s": probe_s,
+            "samples_per_s_incl_probe": rows / (train_log.seconds + extract_s + probe_s),
+            "val_rows_per_epoch": len(val[0]), "epochs": train_log.epochs,
+            "test_accuracy": float((predicted == test[1]).mean())}
+
+
+class _Tokenized(torch.utils.data.Dataset):
+    def __init__(self, tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> None:
+        self.encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**{k: v[i] for k, v in self.encoded.items()}, "labels": int(self.labels[i])}
+
+
+def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[list[str], np.ndarray],
+               n_labels: int) -> dict[str, Any]:
+    """transformers.Trainer with the same hyperparameters; only trainer.train() is timed."""
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              PrinterCallback, Trainer, TrainingArguments, set_seed)
+
+    cfg, seed = params.fine_tune.finetune, params.fine_tune.seed
+    path = resolve_backbone(params.backbone.name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels)
+    with tempfile.TemporaryDirectory() as folder:
+        args = TrainingArguments(
+            output_dir=folder, num_train_epochs=1, per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size * 2, learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, max_grad_norm=1.0,
+            eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
+            use_cpu=True, seed=seed, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=_Tokenized(tokenizer, *train, cfg.max_length),
+                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        logits = trainer.predict(_Tokenized(tokenizer, *test, cfg.max_length)).predictions
+    return {"train_s": seconds, "samples_per_s": len(train[0]) / seconds,
+            "test_accuracy": float((np.asarray(logits).argmax(axis=1) == test[1]).mean())}
+
+
+def machine() -> dict[str, Any]:
+    import sentence_transformers
+
+    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "sentence_transformers": sentence_transformers.__version__,
+            "python": platform.python_version()}
+
+
+def table_rows(result: dict[str, Any]) -> list[Row]:
+    ex, ours, peer = result["extract"], result["finetune"]["ours"], result["finetune"]["peer"]
+    st, tr = "sentence-transformers encode", "transformers.Trainer"
+    return [
+        ("extract fp32 texts/s", ex["fp32"]["texts_per_s"], ex["peer_texts_per_s"], st),
+        ("extract bf16 texts/s", ex["bf16"]["texts_per_s"], ex["peer_texts_per_s"], st + " (fp32)"),
+        ("extract fp32 min cosine vs peer", ex["fp32"]["min_cosine"], 1.0, st),
+        ("extract bf16 min cosine vs peer", ex["bf16"]["min_cosine"], 1.0, st + " (fp32)"),
+        ("fine-tune samples/s", ours["samples_per_s"], peer["samples_per_s"], tr),
+        ("fine-tune samples/s incl. probe", ours["samples_per_s_incl_probe"], peer["samples_per_s"], tr),
+        ("fine-tune test accuracy", ours["test_accuracy"], peer["test_accuracy"], tr),
+    ]
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{'benchmark':<34}{'ours':>12}{'peer':>12}{'ratio':>8}  peer")
+    for name, ours, peer, what in table_rows(result):
+        print(f"{name:<34}{ours:>12.7g}{peer:>12.7g}{'x%.2f' % (ours / peer):>8}  {what}")
+    ex, ft = result["extract"], result["finetune"]
+    print(f"\nextract: {ex['rows']} movie train texts, best of {ex['repeats']} interleaved runs; ours incl. model load: fp32 "
+          f"{ex['fp32']['texts_per_s_incl_load']:.1f}, bf16 {ex['bf16']['texts_per_s_incl_load']:.1f} texts/s")
+    print(f"fine-tune: {ft['train_rows']} train rows, 1 epoch, {ft['test_rows']} test rows; ours also scores "
+          f"{ft['ours']['val_rows_per_epoch']} val rows per epoch inside its timed loop; probe cost: extract "
+          f"{ft['ours']['probe_extract_s']:.1f}s + fit {ft['ours']['probe_fit_s']:.2f}s")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
+    parser.add_argument("--extract-rows", type=int, help="texts to embed (default 2048; --quick 256)")
+    parser.add_argument("--train-rows", type=int, help="fine-tune rows (default 1024; --quick 128)")
+    parser.add_argument("--bf16-rows", type=int, default=256, help="texts embedded in bf16 (default 256)")
+    parser.add_argument("--repeats", type=int, help="extraction runs, best kept (default 3; --quick 2)")
+    parser.add_argument("--test-rows", type=int, help="test/val rows (default all; --quick 200)")
+    args = parser.parse_args()
+    n_extract = args.extract_rows or (256 if args.quick else 2048)
+    n_train = args.train_rows or (128 if args.quick else 1024)
+    n_test = args.test_rows or (200 if args.quick else None)
+    repeats = args.repeats or (2 if args.quick else 3)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    params = load_params()
+    seed = params.fine_tune.seed
+    splits, labels = load_splits(params)
+    result: dict[str, Any] = {"machine": machine(), "quick": args.quick}
+    result["extract"] = bench_extract(params, subset(splits, "train", n_extract, seed)[0], repeats,
+                                      args.bf16_rows)
+    train, val, test = (subset(splits, "train", n_train, seed), subset(splits, "val", n_test, seed),
+                        subset(splits, "test", n_test, seed))
+    result["finetune"] = {"train_rows": len(train[0]), "test_rows": len(test[0]),
+                          "ours": bench_ours(params, train, val, test, labels),
+                          "peer": bench_peer(params, train, test, len(labels))}
+    result["table"] = [dict(zip(("benchmark", "ours", "peer", "peer_is"), row)) for row in table_rows(result)]
+    print_table(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,8 +33,9 @@ flow: data  ## the same DAG as a Prefect flow
 test: data  ## unit + end-to-end tests
 	$(BIN)/python -m pytest
 
-bench: data  ## speed and accuracy vs the peers, side by side
+bench: data  ## speed and accuracy vs the peers, side by side; then the cold and no-op pipeline
 	$(BIN)/python -m benchmarks.run --out reports/benchmarks.json
+	$(BIN)/python -m benchmarks.pipeline --out reports/pipeline_benchmark.json
 
 clean:
 	rm -rf $(VENV)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
 
@@ -30,6 +30,9 @@ class StageFailed(RuntimeError):
 def stage_env() -> dict[str, str]:
     """Lineage for the register stage: which Prefect flow run (and deployment) produced the version."""
     env = dict(os.environ)
+    # dvc.yaml's `python -m stages.<name>` must find this interpreter even when a worker's PATH does not.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("HF_HUB_OFFLINE", "1")
     env["PIPELINE_PREFECT_FLOW_RUN_ID"] = str(flow_run.id or "")
     env["PIPELINE_PREFECT_DEPLOYMENT"] = str(deployment.name or "")
     return env
@@ -48,18 +51,45 @@ def reproduce(name: str, root: str) -> dict[str, str | bool]:
     return {"stage": name, "skipped": skipped}
 
 
-def stage_task(spec: StageSpec):
+def stage_task(spec: StageSpec) -> Task:
     """A Prefect task named after the stage, with the tags, retries and timeout from its dvc.yaml meta."""
     return task(reproduce, name=spec.name, task_run_name=spec.name, tags=list(spec.tags), retries=spec.retries,
                 retry_delay_seconds=spec.retry_delay_seconds, timeout_seconds=spec.timeout_seconds,
                 cache_policy=None, persist_result=False)
 
 
+def dvc(args: list[str], root: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(), capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise StageFailed(f"dvc {' '.join(args)} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+@task(name="dvc-pull", retries=2, retry_delay_seconds=[10, 60], cache_policy=None, persist_result=False)
+def pull(root: str) -> str:
+    """Fetch cached data, features and models from the DVC remote, so unchanged stages need not rerun."""
+    return dvc(["pull", "--allow-missing"], root)
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=[10, 60], cache_policy=None, persist_result=False)
+def push(root: str) -> str:
+    """Send this run's outputs to the DVC remote for the next worker, or a person, to pull."""
+    return dvc(["push"], root)
+
+
 @flow(name="transfer-pipeline", log_prints=True)
-def pipeline(root: str = ".") -> list[dict]:
-    """Run every stage of dvc.yaml in dependency order; publish a run summary artifact."""
+def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False) -> list[dict]:
+    """Run every stage of dvc.yaml in dependency order; publish a run summary artifact.
+
+    A worker on a fresh checkout sets `pull_first` (outputs from the DVC remote) and `push_after`.
+    """
     root = str(Path(root).resolve())
+    if pull_first:
+        pull(root)
     results = [stage_task(spec)(spec.name, root) for spec in read_dag(Path(root))]
+    if push_after:
+        push(root)
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(Path(root), results),
                              description="Metrics per domain, transfer gain and the registry decision")
     return results
@@ -68,7 +98,10 @@ def pipeline(root: str = ".") -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the pipeline as a Prefect flow.")
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
-    results = pipeline(root=parser.parse_args().root)
+    parser.add_argument("--pull", action="store_true", help="dvc pull from the DVC remote first")
+    parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")
+    args = parser.parse_args()
+    results = pipeline(root=args.root, pull_first=args.pull, push_after=args.push)
     print(json.dumps(results, indent=2))
 
 

@@ -41,3 +41,10 @@ def test_unknown_backbone_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PipelineError, match="backbone.name 'no/such-model'"):
         resolve_backbone("no/such-model")
+
+
+def test_long_documents_are_truncated_not_rejected() -> None:
+    tokenizer, model = load_encoder("default", select_device())
+    long_text = "a remarkably long review that keeps going " * 2000
+    vectors = embed([long_text, "short"], tokenizer, model, max_length=128, batch_size=2)
+    assert vectors.shape == (2, 384) and np.isfinite(vectors).all()

@@ -56,3 +56,21 @@ def test_freezing_more_layers_than_exist_names_the_param(tiny_params: Params, ti
         "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"freeze_layers": 9})})})
     with pytest.raises(PipelineError, match="fine_tune.finetune.freeze_layers is 9 but the backbone has 6"):
         fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "m")
+
+
+def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_path: Path) -> None:
+    """Four classes (the domain as label): the head, the probabilities and the saved model all follow."""
+    from stages.config import PreprocessConfig
+    from stages.extract_features import extract_features
+    from stages.preprocess import preprocess
+
+    frame = tiny_frame.assign(label=tiny_frame["domain"], domain="all")
+    splits, mapping = preprocess(frame, PreprocessConfig(test_size=0.25, val_size=0.15))
+    features, _ = extract_features(splits["text"].tolist(), tiny_params.backbone, tiny_params.extract_features)
+    labels = list(mapping)
+    predictions = fine_tune(tiny_params, splits, features, labels, tmp_path / "model")
+    proba = predictions[[f"candidate_p{i}" for i in range(4)]].to_numpy()
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    test = (predictions["split"] == "test").to_numpy()
+    assert (proba[test].argmax(1) == predictions.loc[test, "label_id"]).mean() > 0.4  # chance is 0.25
+    assert TextClassifier(tmp_path / "model").labels == labels

@@ -1,0 +1,88 @@
+"""Time the whole default pipeline cold, stage by stage, and its peak memory; then a no-op `dvc repro`.
+
+Runs in a throw-away copy of the project (code, params, the fetched default data) with its own MLflow
+registry, so the project's own outputs, dvc.lock and registry are untouched.
+
+Run from the project root:  python -m benchmarks.pipeline [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stages.config import load_params
+
+COPIED = ["stages", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
+
+
+def make_copy(root: Path, target: Path) -> None:
+    for name in COPIED:
+        source = root / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    data = load_params(root / "params.yaml").data.source
+    (target / data).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / data, target / data)
+    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
+
+
+def timed_repro(project: Path) -> tuple[float, dict[str, float], str]:
+    """Wall time of `dvc repro` and of each stage (from when DVC announces it to when the next starts)."""
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marks, lines = [], []
+    for line in process.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if line.startswith("Running stage '"):
+            marks.append((line.split("'")[1], time.perf_counter()))
+    process.wait()
+    total = time.perf_counter() - start
+    if process.returncode != 0:
+        raise SystemExit(f"dvc repro failed:\n{''.join(lines)[-4000:]}")
+    ends = [t for _, t in marks[1:]] + [start + total]
+    return total, {name: round(end - t, 1) for (name, t), end in zip(marks, ends)}, "".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    root = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        project = Path(tmp)
+        make_copy(root, project)
+        cold, stages, _ = timed_repro(project)
+        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        noop, _, output = timed_repro(project)
+        metrics = json.loads((project / load_params(project / "params.yaml").paths.metrics).read_text())
+    result = {"cold_seconds": round(cold, 1), "stage_seconds": stages, "peak_rss_mib_largest_stage": round(peak_mib),
+              "noop_seconds": round(noop, 1), "noop_ran_nothing": "Running stage" not in output,
+              "test": metrics["test"], "domains": metrics["domains"], "cpu_count": os.cpu_count()}
+    print(f"cold dvc repro: {result['cold_seconds']} s   peak memory (largest stage): {result['peak_rss_mib_largest_stage']} MiB")
+    for name, seconds in stages.items():
+        print(f"  {name:<18} {seconds:>7.1f} s")
+    print(f"no-op dvc repro: {result['noop_seconds']} s (ran nothing: {result['noop_ran_nothing']})")
+    print(f"{'group':<10} {'candidate':>9} {'baseline':>9} {'gain':>8}")
+    for group, m in {"test": metrics["test"], **metrics["domains"]}.items():
+        print(f"{group:<10} {m['candidate_accuracy']:>9.4f} {m['baseline_accuracy']:>9.4f} {m['transfer_gain']:>+8.4f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

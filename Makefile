@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
 
-.PHONY: setup data pipeline flow test bench clean
+.PHONY: setup data pipeline flow stack test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ pipeline: data  ## set up, then run all seven stages with DVC
 
 flow: data  ## the same DAG as a Prefect flow
 	$(BIN)/python -m flows.pipeline
+
+stack: data  ## Prefect server + mlflow server + GPU pool + worker on loopback; one deployment run from git + DVC
+	$(BIN)/python -m flows.stack
 
 test: data  ## unit + end-to-end tests
 	$(BIN)/python -m pytest

@@ -136,8 +136,15 @@ class _Tokenized(torch.utils.data.Dataset):
 def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[list[str], np.ndarray],
                n_labels: int) -> dict[str, Any]:
     """transformers.Trainer with the same hyperparameters; only trainer.train() is timed."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              PrinterCallback, Trainer, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     cfg, seed = params.fine_tune.finetune, params.fine_tune.seed
     path = resolve_backbone(params.backbone.name)

@@ -19,12 +19,25 @@ from prefect.runtime import deployment, flow_run
 
 from flows.dag import StageSpec, read_dag
 from flows.summary import summary_markdown
+from stages.io import OFFLINE_ENV
 
-SKIPPED_MARK = "didn't change, skipping"
+SKIPPED_MARKS = ("didn't change, skipping", "is cached - skipping run")
+USER_ERROR_EXIT = 2  # stages exit 2 on bad input or params: retrying cannot help
 
 
 class StageFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def retryable(task: Task, task_run: object, state: object) -> bool:
+    """Retry I/O and server trouble, not a user error that would fail the same way again."""
+    try:
+        error = state.result(raise_on_failure=False)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a state without a stored exception: let the retry policy decide
+        return True
+    return not (isinstance(error, StageFailed) and error.returncode == USER_ERROR_EXIT)
 
 
 def stage_env() -> dict[str, str]:
@@ -32,7 +45,7 @@ def stage_env() -> dict[str, str]:
     env = dict(os.environ)
     # dvc.yaml's `python -m stages.<name>` must find this interpreter even when a worker's PATH does not.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
     env["PIPELINE_PREFECT_FLOW_RUN_ID"] = str(flow_run.id or "")
     env["PIPELINE_PREFECT_DEPLOYMENT"] = str(deployment.name or "")
     return env
@@ -45,8 +58,8 @@ def reproduce(name: str, root: str) -> dict[str, str | bool]:
                             env=stage_env(), capture_output=True, text=True)
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:
-        raise StageFailed(f"stage {name} failed (exit {result.returncode}):\n{output[-4000:]}")
-    skipped = SKIPPED_MARK in output
+        raise StageFailed(f"stage {name} failed (exit {result.returncode}):\n{output[-4000:]}", result.returncode)
+    skipped = any(mark in output for mark in SKIPPED_MARKS)
     logger.info("%s: %s\n%s", name, "up to date, skipped" if skipped else "reproduced", output[-2000:])
     return {"stage": name, "skipped": skipped}
 
@@ -55,27 +68,30 @@ def stage_task(spec: StageSpec) -> Task:
     """A Prefect task named after the stage, with the tags, retries and timeout from its dvc.yaml meta."""
     return task(reproduce, name=spec.name, task_run_name=spec.name, tags=list(spec.tags), retries=spec.retries,
                 retry_delay_seconds=spec.retry_delay_seconds, timeout_seconds=spec.timeout_seconds,
-                cache_policy=None, persist_result=False)
+                retry_condition_fn=retryable, cache_policy=None, persist_result=False)
 
 
 def dvc(args: list[str], root: str) -> str:
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(), capture_output=True,
                             text=True)
     if result.returncode != 0:
-        raise StageFailed(f"dvc {' '.join(args)} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        raise StageFailed(f"dvc {' '.join(args)} failed (exit {result.returncode}):\n{result.stderr[-4000:]}",
+                          result.returncode)
     return result.stdout
 
 
-@task(name="dvc-pull", retries=2, retry_delay_seconds=[10, 60], cache_policy=None, persist_result=False)
+@task(name="dvc-pull", task_run_name="dvc-pull", retries=2, retry_delay_seconds=[10, 60], cache_policy=None,
+      persist_result=False, timeout_seconds=1800)
 def pull(root: str) -> str:
     """Fetch cached data, features and models from the DVC remote, so unchanged stages need not rerun."""
-    return dvc(["pull", "--allow-missing"], root)
+    return dvc(["pull", "--allow-missing", "--run-cache"], root)
 
 
-@task(name="dvc-push", retries=2, retry_delay_seconds=[10, 60], cache_policy=None, persist_result=False)
+@task(name="dvc-push", task_run_name="dvc-push", retries=2, retry_delay_seconds=[10, 60], cache_policy=None,
+      persist_result=False, timeout_seconds=1800)
 def push(root: str) -> str:
     """Send this run's outputs to the DVC remote for the next worker, or a person, to pull."""
-    return dvc(["push"], root)
+    return dvc(["push", "--run-cache"], root)
 
 
 @flow(name="transfer-pipeline", log_prints=True)
@@ -97,6 +113,7 @@ def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the pipeline as a Prefect flow.")
+    os.environ.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
     parser.add_argument("--pull", action="store_true", help="dvc pull from the DVC remote first")
     parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")

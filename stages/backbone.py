@@ -63,6 +63,12 @@ def load_encoder(name: str, device: torch.device) -> tuple[PreTrainedTokenizerBa
     return tokenizer, model.to(device).eval()
 
 
+def usable_length(requested: int, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+    """Truncate to what the backbone can take (position embeddings), whatever params ask for."""
+    positions = getattr(model.config, "max_position_embeddings", None) or requested
+    return max(8, min(requested, positions, tokenizer.model_max_length))
+
+
 def length_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped by similar length, so each batch pads to little more than its own longest text."""
     order = np.argsort(lengths, kind="stable")[::-1]
@@ -79,7 +85,7 @@ def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTraine
           batch_size: int, precision: str = "auto", normalize: bool = True) -> np.ndarray:
     """Embed `texts` with the frozen encoder; rows come back in input order, float32."""
     device = next(model.parameters()).device
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    encoded = tokenizer(texts, truncation=True, max_length=usable_length(max_length, tokenizer, model))
     ids, masks = encoded["input_ids"], encoded["attention_mask"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode(), autocast_for(device, precision):

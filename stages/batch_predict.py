@@ -20,6 +20,8 @@ def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source:
         raise PipelineError(f"{source}: column {text_column!r} not found; columns are {list(frame.columns)}")
     model = mlflow.pyfunc.load_model(model_uri)
     scored = model.predict(pd.DataFrame({"text": frame[text_column].fillna("").astype(str)}))
+    # The input may carry its own `label` (a labelled test file): keep both, the prediction renamed.
+    scored = scored.rename(columns={c: f"predicted_{c}" for c in scored.columns if c in frame.columns})
     return pd.concat([frame.reset_index(drop=True), scored.reset_index(drop=True)], axis=1)
 
 

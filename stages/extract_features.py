@@ -26,12 +26,12 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     vectors = embed(texts, tokenizer, model, max_length=backbone.max_length, batch_size=cfg.batch_size,
                     precision=cfg.precision)
     seconds = time.perf_counter() - start
-    meta = {
-        "backbone": backbone.name, "max_length": backbone.max_length, "precision": cfg.precision,
-        "device": str(device), "rows": len(texts), "dim": int(vectors.shape[1]), "seconds": round(seconds, 2),
-        "texts_per_second": round(len(texts) / max(seconds, 1e-9), 1), "torch_threads": torch.get_num_threads(),
-    }
-    return vectors, meta
+    # Only what determines the vectors goes in `meta` (it is hashed with them); timings are logged, not saved.
+    meta = {"backbone": backbone.name, "max_length": backbone.max_length, "precision": cfg.precision,
+            "rows": len(texts), "dim": int(vectors.shape[1])}
+    log.info("extract_features: %d x %d in %.1fs (%.0f texts/s on %s, %d threads)", len(texts), meta["dim"], seconds,
+             len(texts) / max(seconds, 1e-9), device, torch.get_num_threads())
+    return vectors, meta | {"seconds": seconds}
 
 
 def load_features(folder: Path) -> np.ndarray:
@@ -46,9 +46,7 @@ def main() -> None:
     with atomic_path(params.paths.features) as tmp:
         tmp.mkdir()
         save_file({"embeddings": vectors}, str(tmp / EMBEDDINGS_FILE))
-        write_json(meta, tmp / META_FILE)
-    log.info("extract_features: %d x %d in %.1fs (%.0f texts/s on %s)", meta["rows"], meta["dim"],
-             meta["seconds"], meta["texts_per_second"], meta["device"])
+        write_json({k: v for k, v in meta.items() if k != "seconds"}, tmp / META_FILE)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,21 @@ from stages.io import atomic_path, run_main
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
-DEFAULT_TARGET = Path("data/external") / SDIST
+
+
+def default_target() -> Path:
+    """Where params.yaml's data.source expects the sdist (the built-in default names it there)."""
+    from stages.config import load_params
+
+    source = load_params().data.source
+    return source if source.name == SDIST else Path("data/external") / SDIST
 
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fetch_default(target: Path = DEFAULT_TARGET) -> Path:
+def fetch_default(target: Path) -> Path:
     """Download the sdist once; verify its sha256 whether downloaded now or earlier."""
     if not target.exists():
         with tempfile.TemporaryDirectory() as tmp:
@@ -45,8 +52,8 @@ def fetch_default(target: Path = DEFAULT_TARGET) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET)
-    path = fetch_default(parser.parse_args().target)
+    parser.add_argument("--target", type=Path, default=None, help="default: data.source of params.yaml")
+    path = fetch_default(parser.parse_args().target or default_target())
     print(f"{path} ok (sha256 {SDIST_SHA256})")
 
 

@@ -13,9 +13,9 @@ from sklearn.pipeline import Pipeline, make_pipeline
 
 from stages.backbone import load_encoder, select_device
 from stages.config import BaselineConfig, LinearProbeConfig, Params, load_params
+from stages.errors import PipelineError
 from stages.extract_features import load_features
 from stages.finetune_loop import finetune, seed_everything
-from stages.errors import PipelineError
 from stages.io import atomic_path, log, read_json, remove_outputs, run_main, write_parquet
 from stages.model import TextClassifier, head_from_sklearn, save_model
 

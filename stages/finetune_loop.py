@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from stages.backbone import autocast_dtype, autocast_for, mean_pool
+from stages.backbone import autocast_dtype, autocast_for, mean_pool, usable_length
 from stages.config import FinetuneConfig
 from stages.errors import PipelineError
 from stages.model import Head
@@ -32,12 +32,15 @@ def seed_everything(seed: int) -> None:
 
 
 def freeze_lowest(encoder: PreTrainedModel, n_layers: int) -> None:
-    layers = encoder.encoder.layer
+    if n_layers == 0:
+        return
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if layers is None:
+        raise PipelineError(f"fine_tune.finetune.freeze_layers: backbone {type(encoder).__name__} has no BERT-style "
+                            "encoder.layer stack to freeze; use freeze_layers: 0")
     if n_layers > len(layers):
         raise PipelineError(f"fine_tune.finetune.freeze_layers is {n_layers} but the backbone has "
                             f"{len(layers)} layers; use 0..{len(layers)}")
-    if n_layers == 0:
-        return
     for module in [encoder.embeddings, *layers[:n_layers]]:
         for param in module.parameters():
             param.requires_grad_(False)
@@ -95,8 +98,9 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
     device = next(encoder.parameters()).device
     head.to(device)
     freeze_lowest(encoder, cfg.freeze_layers)
-    train_batcher = _Batcher(tokenizer, train[0], cfg.max_length, device)
-    val_batcher = _Batcher(tokenizer, val[0], cfg.max_length, device)
+    length = usable_length(cfg.max_length, tokenizer, encoder)
+    train_batcher = _Batcher(tokenizer, train[0], length, device)
+    val_batcher = _Batcher(tokenizer, val[0], length, device)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     optimizer = torch.optim.AdamW([
         {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.learning_rate},

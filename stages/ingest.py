@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import html
 import io
@@ -26,7 +28,7 @@ VADER_DOMAINS = {
 }
 SUFFIX_FORMATS = {
     ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".gz": "vader",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".tar.gz": "vader",
 }
 COLUMNS = ["text", "label", "domain"]
 _SPACES = re.compile(r"[ \t\u00a0]+")
@@ -37,7 +39,12 @@ def detect_format(source: Path, declared: str) -> str:
         return declared
     if source.is_dir():
         return "folder"
-    fmt = SUFFIX_FORMATS.get(source.suffix.lower())
+    suffixes = [s.lower() for s in source.suffixes]
+    if suffixes[-2:] == [".tar", ".gz"]:
+        return "vader"
+    if suffixes and suffixes[-1] == ".gz":  # a compressed table: reviews.csv.gz
+        suffixes = suffixes[:-1]
+    fmt = SUFFIX_FORMATS.get(suffixes[-1] if suffixes else "")
     if fmt is None:
         raise PipelineError(
             f"{source}: cannot tell the format from the suffix {source.suffix!r}; "
@@ -75,20 +82,30 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
             return pd.read_parquet(source)
         except Exception as error:  # pyarrow raises several unrelated types for a bad file
             raise PipelineError(f"{source}: not a readable Parquet file ({error})") from None
-    text = decode_text(source.read_bytes(), str(source))
+    raw = source.read_bytes()
+    if source.suffix.lower() == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise PipelineError(f"{source}: not a readable gzip file ({error})") from None
+    text = decode_text(raw, str(source))
     if not text.strip():
         raise PipelineError(f"{source} is empty: it needs a header and at least two labelled rows")
     buffer = io.StringIO(text)
     try:
         if fmt == "jsonl":
             return pd.read_json(buffer, lines=True, dtype=False)
-        return pd.read_csv(buffer, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
-                           na_values=[""])
+        if fmt == "tsv":  # tab-separated text has no quoting: a quote is part of the text
+            return pd.read_csv(buffer, sep="\t", dtype=str, keep_default_na=False, na_values=[""],
+                               quoting=csv.QUOTE_NONE)
+        return pd.read_csv(buffer, dtype=str, keep_default_na=False, na_values=[""])
     except (ValueError, pd.errors.ParserError) as error:
         raise PipelineError(f"{source}: cannot parse as {fmt} ({error})") from None
 
 
 def read_folder(source: Path) -> pd.DataFrame:
+    if not source.is_dir():
+        raise PipelineError(f"data.format is folder but {source} is not a folder; set data.format: auto")
     rows = []
     for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for file in sorted(class_dir.glob("*.txt")):
@@ -107,7 +124,11 @@ def _decode_lenient(raw: bytes) -> str:
 
 
 def _inner_vader_archive(source: Path) -> bytes:
-    with tarfile.open(source, "r:gz") as outer:
+    try:
+        outer = tarfile.open(source, "r:gz")
+    except (tarfile.TarError, OSError) as error:
+        raise PipelineError(f"{source}: not the vaderSentiment 3.3.2 sdist (a .tar.gz): {error}") from None
+    with outer:
         names = [m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz")]
         if not names:
             raise PipelineError(f"{source}: no additional_resources/hutto_ICWSM_2014.tar.gz inside; "

@@ -19,6 +19,11 @@ from stages.errors import PipelineError
 
 log = logging.getLogger("stages")
 
+# Nothing phones home: no hub downloads by default, no MLflow/Prefect/DVC telemetry. A value the user set wins.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
+
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
@@ -67,8 +72,7 @@ def remove_outputs(*paths: Path) -> None:
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(): user errors print one clear message and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
     try:
         main()
     except PipelineError as error:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.backbone import autocast_for, length_batches, load_encoder, mean_pool, select_device
+from stages.backbone import autocast_for, length_batches, load_encoder, mean_pool, select_device, usable_length
 
 MODEL_JSON = "model.json"
 HEAD_FILE = "head.safetensors"
@@ -80,7 +80,8 @@ class TextClassifier:
         self.head = load_head(folder).to(self.device).eval()
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        length = usable_length(self.max_length, self.tokenizer, self.encoder)
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=length)
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         with torch.inference_mode(), autocast_for(self.device, "auto"):
             for batch in length_batches([len(x) for x in encoded["input_ids"]], self.batch_size):

@@ -42,7 +42,8 @@ def _stratified(frame: pd.DataFrame, size: float, seed: int, what: str) -> tuple
     counts = frame["label"].value_counts()
     if counts.min() < 2 or round(size * len(frame)) < len(counts):
         raise PipelineError(f"preprocess: too few rows to split off a stratified {what} set "
-                            f"(label counts {counts.to_dict()}); add data or lower preprocess.{what}_size")
+                            f"(label counts {counts.to_dict()}); add data, or raise preprocess.{what}_size so "
+                            "that it holds at least one row per class")
     return train_test_split(frame, test_size=size, random_state=seed, stratify=frame["label"])
 
 

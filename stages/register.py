@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -16,8 +17,16 @@ from stages.backbone import resolve_backbone
 from stages.config import Params, load_params
 from stages.io import log, read_json, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, read_info
-from stages.registry import (CHAMPION, alias_version, apply_decision, configure_mlflow, decide, dvc_hashes,
-                             git_commit, orchestration_tags)
+from stages.registry import (
+    CHAMPION,
+    alias_version,
+    apply_decision,
+    configure_mlflow,
+    decide,
+    dvc_hashes,
+    git_commit,
+    orchestration_tags,
+)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pandas", "numpy", "mlflow")
@@ -32,6 +41,11 @@ def flatten(prefix: str, value: object) -> dict[str, object]:
     if isinstance(value, dict):
         return {k: v for key, sub in value.items() for k, v in flatten(f"{prefix}.{key}" if prefix else str(key), sub).items()}
     return {prefix: value}
+
+
+def metric_key(key: str) -> str:
+    """MLflow keys allow letters, digits and `_-. /:`; user domain names may hold anything."""
+    return re.sub(r"[^\w.\- /:]", "_", key)
 
 
 def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.models.model.ModelInfo:
@@ -73,16 +87,18 @@ def register(params: Params) -> dict:
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(tags={MLFLOW_RUN_NAME: f"{params.fine_tune.strategy}"} | lineage(params)) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params.model_dump(mode="json")).items()})
-        mlflow.log_metrics({k: float(v) for k, v in flatten("", read_json(paths.metrics)).items()})
+        mlflow.log_metrics({metric_key(k): float(v) for k, v in flatten("", read_json(paths.metrics)).items()})
         for path in (paths.evaluation, paths.data_report, paths.label_map, paths.model / "model.json"):
             mlflow.log_artifact(str(path), artifact_path="reports")
         mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
-        info = log_model(paths.model, labels, test["text"].head(3).tolist())
-        registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=lineage(params) | {"run_id": run.info.run_id})
+        # Everything that can fail comes before the registry is touched, so a retry never leaves a stray version.
         previous = alias_version(client, cfg.model_name, CHAMPION)
         candidate = evaluation["test"]["candidate"]
         champ_acc = champion_accuracy(cfg.model_name, previous, test)
         decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champ_acc, cfg)
+        info = log_model(paths.model, labels, test["text"].head(3).tolist())
+        tags = lineage(params) | {"run_id": run.info.run_id}
+        registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
         version = str(registered.version)
         apply_decision(client, cfg.model_name, version, decision, previous)
         mlflow.set_tags({"gate.decision": "promoted" if decision.promote else "rejected",

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,15 +15,24 @@ import pytest
 import yaml
 
 from stages.config import Params, load_params
+from stages.io import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CSV = ROOT / "tests" / "data" / "tiny_sentiment.csv"  # 280 rows of the Hutto & Gilbert data (MIT)
 PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore"]
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
+# `dvc exp run` and the tests' own commits need a git identity; CI machines may have none configured.
+for _var, _value in {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
+                     "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}.items():
+    os.environ.setdefault(_var, _value)
+REPO_PARAMS = load_params(ROOT / "params.yaml")
+
+
+def repo_cfg(section: str, **updates: object) -> Any:
+    """A section of the repo's params.yaml with `updates` applied: tests start from what ships."""
+    return getattr(REPO_PARAMS, section).model_copy(update=updates)
 
 
 def tiny_overrides(root: Path) -> dict:
@@ -32,7 +42,8 @@ def tiny_overrides(root: Path) -> dict:
                  "domain_column": "domain"},
         "preprocess": {"test_size": 0.25, "val_size": 0.15},
         "backbone": {"max_length": 64},
-        "fine_tune": {"strategy": "linear_probe", "linear_probe": {"C": 10.0}, "finetune": {"epochs": 1, "batch_size": 16, "max_length": 48}},
+        "fine_tune": {"strategy": "linear_probe", "linear_probe": {"C": 10.0},
+                      "finetune": {"epochs": 1, "batch_size": 16, "max_length": 48}},
         "register": {"min_accuracy": 0.5, "min_macro_f1": 0.4},
         "deploy": {"startup_timeout_s": 120},
     }
@@ -64,25 +75,22 @@ def tiny_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
 def tiny_frame() -> pd.DataFrame:
     from stages.ingest import ingest
 
-    params = load_params(ROOT / "params.yaml")
-    cfg = params.data.model_copy(update={"source": TINY_CSV, "format": "auto", "domain_column": "domain"})
-    return ingest(cfg)
+    return ingest(repo_cfg("data", source=TINY_CSV, format="auto", domain_column="domain"))
 
 
 @pytest.fixture(scope="session")
 def tiny_splits(tiny_frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    from stages.config import PreprocessConfig
     from stages.preprocess import preprocess
 
-    return preprocess(tiny_frame, PreprocessConfig(train_domains=["movie"], test_size=0.25, val_size=0.15))
+    return preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15))
 
 
 @pytest.fixture(scope="session")
 def tiny_features(tiny_splits: tuple[pd.DataFrame, dict[str, int]]) -> np.ndarray:
-    from stages.config import BackboneConfig, ExtractConfig
     from stages.extract_features import extract_features
 
-    vectors, _ = extract_features(tiny_splits[0]["text"].tolist(), BackboneConfig(max_length=64), ExtractConfig())
+    vectors, _ = extract_features(tiny_splits[0]["text"].tolist(), repo_cfg("backbone", max_length=64),
+                                  repo_cfg("extract_features"))
     return vectors
 
 
@@ -118,7 +126,8 @@ def project_env(root: Path) -> dict[str, str]:
 def run(cmd: list[str], root: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n"
+                             f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
     return result
 
 
@@ -127,4 +136,18 @@ def pipeline_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project on which `dvc repro` ran the whole DAG once."""
     root = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     run([sys.executable, "-m", "dvc", "repro"], root)
+    return root
+
+
+def set_param(root: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def fresh_registry(pipeline_project: Path, tmp_path: Path) -> Path:
+    """A copy of the pipeline project with an empty MLflow registry of its own."""
+    root = tmp_path / "copy"
+    shutil.copytree(pipeline_project, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
     return root

@@ -1,17 +1,14 @@
 """The Prefect flow through a real Prefect server: one task per dvc.yaml stage, sharing DVC's lock and cache."""
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from flows import stack
 from flows.dag import read_dag
 from tests.conftest import ROOT, make_project, project_env, run
 
@@ -30,36 +27,8 @@ def test_dag_is_read_from_dvc_yaml() -> None:
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "PREFECT_UI_ENABLED": "false"}
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (home / "server.log").read_text()
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, (home / "server.log").read_text()
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with stack.prefect_server(tmp_path_factory.mktemp("prefect")) as api:
+        yield api
 
 
 def _flow(root: Path, api: str) -> subprocess.CompletedProcess:

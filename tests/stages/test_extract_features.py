@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 
 from stages.backbone import embed, load_encoder, resolve_backbone, select_device
-from stages.config import BackboneConfig, ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features
+from tests.conftest import repo_cfg
 
 
 def test_shape_and_unit_norm(tiny_splits: tuple[pd.DataFrame, dict], tiny_features: np.ndarray) -> None:
@@ -17,7 +17,7 @@ def test_matches_sentence_transformers(tiny_splits: tuple[pd.DataFrame, dict]) -
     sentence_transformers = pytest.importorskip("sentence_transformers")
     texts = tiny_splits[0]["text"].tolist()[:48]
     reference = sentence_transformers.SentenceTransformer(resolve_backbone("default"), device="cpu").encode(texts)
-    ours, _ = extract_features(texts, BackboneConfig(max_length=256), ExtractConfig(batch_size=16))
+    ours, _ = extract_features(texts, repo_cfg("backbone", max_length=256), repo_cfg("extract_features", batch_size=16))
     cosine = (ours * reference).sum(axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() >= 0.9999
 
@@ -32,7 +32,7 @@ def test_bucketing_keeps_input_order() -> None:
 
 def test_bf16_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict], tiny_features: np.ndarray) -> None:
     texts = tiny_splits[0]["text"].tolist()[:32]
-    bf16, meta = extract_features(texts, BackboneConfig(max_length=64), ExtractConfig(precision="bf16"))
+    bf16, meta = extract_features(texts, repo_cfg("backbone", max_length=64), repo_cfg("extract_features", precision="bf16"))
     assert meta["precision"] == "bf16"
     assert ((bf16 * tiny_features[:32]).sum(axis=1)).min() > 0.99
 

@@ -8,13 +8,13 @@ import pytest
 
 from stages.config import DataConfig
 from stages.errors import PipelineError
-from stages.fetch_default import DEFAULT_TARGET
 from stages.ingest import data_report, ingest
-from tests.conftest import ROOT, TINY_CSV, make_project, project_env
+from tests.conftest import REPO_PARAMS, ROOT, TINY_CSV, make_project, project_env, repo_cfg
 
 
 def _cfg(source: Path, **kw: object) -> DataConfig:
-    return DataConfig(source=source, **({"domain_column": None} | kw))
+    return repo_cfg("data", **({"source": source, "format": "auto", "text_column": "text", "label_column": "label",
+                                "domain_column": None} | kw))
 
 
 def test_reads_csv_with_domains(tiny_frame: pd.DataFrame) -> None:
@@ -51,10 +51,10 @@ def test_normalises_html_entities_and_line_endings(tmp_path: Path) -> None:
 
 
 def test_builtin_default_has_four_domains() -> None:
-    source = ROOT / DEFAULT_TARGET
+    source = ROOT / REPO_PARAMS.data.source
     if not source.exists():
         pytest.skip("default data not fetched: run `python -m stages.fetch_default`")
-    frame = ingest(DataConfig(source=source, domain_column="domain"))
+    frame = ingest(repo_cfg("data", source=source))
     report = data_report(frame, source)
     assert report["domain_counts"] == {"amazon": 3610, "movie": 10568, "nyt": 4946, "tweets": 4196}
     assert not frame["text"].str.contains("&amp;|\r", regex=True).any()
@@ -66,7 +66,7 @@ def test_builtin_default_has_four_domains() -> None:
     (b"text,label\nhi,a\nyo,a\n", {}, "single class"),
     (b"text,label\nhi,a\n,b\nyo,b\n", {}, r"column 'text' is empty or null in row\(s\) 3"),
     (b"text,label\nhi,a\nyo,\n", {}, r"column 'label' is empty or null"),
-    (b"text,label\nhi,a\nyo \xff\xfe,b\n", {}, "line 3 is not valid UTF-8|not valid UTF-8"),
+    (b"text,label\nhi,a\nyo \xff\xfe,b\n", {}, r"\(line 3\) is not valid UTF-8"),
     (b"text,label\nhi,a\n", {"domain_column": "site"}, r"column 'site' \(from data.domain_column\)"),
 ])
 def test_bad_input_names_file_and_column(tmp_path: Path, content: bytes, kw: dict, message: str) -> None:

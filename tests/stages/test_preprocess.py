@@ -1,9 +1,9 @@
 import pandas as pd
 import pytest
 
-from stages.config import PreprocessConfig
 from stages.errors import PipelineError
 from stages.preprocess import check_leakage, preprocess, text_key
+from tests.conftest import repo_cfg
 
 
 def test_splits_are_stratified_and_domains_held_out(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
@@ -24,7 +24,7 @@ def test_no_text_in_two_splits(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
 
 
 def test_seeded_split_is_repeatable(tiny_frame: pd.DataFrame) -> None:
-    cfg = PreprocessConfig(train_domains=["movie"], seed=3)
+    cfg = repo_cfg("preprocess", train_domains=["movie"], seed=3)
     first, _ = preprocess(tiny_frame, cfg)
     second, _ = preprocess(tiny_frame, cfg)
     pd.testing.assert_frame_equal(first, second)
@@ -32,25 +32,25 @@ def test_seeded_split_is_repeatable(tiny_frame: pd.DataFrame) -> None:
 
 def test_duplicates_collapse_before_splitting(tiny_frame: pd.DataFrame) -> None:
     doubled = pd.concat([tiny_frame, tiny_frame.assign(text=tiny_frame["text"].str.upper())])
-    splits, _ = preprocess(doubled, PreprocessConfig(train_domains=["movie"]))
+    splits, _ = preprocess(doubled, repo_cfg("preprocess", train_domains=["movie"]))
     assert len(splits) == len(tiny_frame)
 
 
 def test_few_shot_subsampling(tiny_frame: pd.DataFrame) -> None:
-    splits, _ = preprocess(tiny_frame, PreprocessConfig(train_domains=["movie"], n_per_class=8))
+    splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8))
     assert splits[splits["split"] == "train"]["label"].value_counts().to_dict() == {"negative": 8, "positive": 8}
 
 
 def test_unknown_training_domain_is_named(tiny_frame: pd.DataFrame) -> None:
     with pytest.raises(PipelineError, match=r"preprocess.train_domains names \['films'\]"):
-        preprocess(tiny_frame, PreprocessConfig(train_domains=["films"]))
+        preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["films"]))
 
 
 def test_label_unseen_in_training_is_rejected(tiny_frame: pd.DataFrame) -> None:
     odd = tiny_frame.copy()
     odd.loc[odd["domain"] == "nyt", "label"] = "neutral"
     with pytest.raises(PipelineError, match=r"labels \['neutral'\] never occur in the training split"):
-        preprocess(odd, PreprocessConfig(train_domains=["movie"]))
+        preprocess(odd, repo_cfg("preprocess", train_domains=["movie"]))
 
 
 def test_leakage_check_catches_shared_text() -> None:
@@ -61,4 +61,4 @@ def test_leakage_check_catches_shared_text() -> None:
 
 def test_too_small_to_stratify(tiny_frame: pd.DataFrame) -> None:
     with pytest.raises(PipelineError, match="too few rows"):
-        preprocess(tiny_frame.head(3), PreprocessConfig())
+        preprocess(tiny_frame.head(3), repo_cfg("preprocess", train_domains=None))

@@ -1,0 +1,63 @@
+"""Run a server process in the background until it answers on loopback; stop it and its children afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import requests
+
+from stages.errors import PipelineError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@contextmanager
+def background_service(name: str, cmd: list[str], health_url: str, *, timeout_s: float,
+                       env: dict[str, str] | None = None, cwd: str | None = None) -> Iterator[subprocess.Popen]:
+    """Start `cmd`, wait until GET `health_url` answers 200, yield the process; the error carries the server's log."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def fail(why: str) -> PipelineError:
+            log.seek(0)
+            return PipelineError(f"{name} {why}; its log ends:\n{log.read()[-3000:]}")
+
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not _answers(health_url):
+                if process.poll() is not None:
+                    raise fail(f"exited with {process.returncode} before answering {health_url}")
+                if time.monotonic() > deadline:
+                    raise fail(f"did not answer {health_url} within {timeout_s} s")
+                time.sleep(0.5)
+            yield process
+        finally:
+            stop(process)

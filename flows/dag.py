@@ -17,9 +17,13 @@ class StageSpec:
     upstream: tuple[str, ...]
     tags: tuple[str, ...] = ()
     retries: int = 0
-    retry_delay_seconds: float = 10.0
+    retry_delay_seconds: float | tuple[float, ...] = 10.0  # a list: one delay per retry (backoff)
     timeout_seconds: float | None = None
     extra: dict = field(default_factory=dict)
+
+
+def _delays(value: float | list[float]) -> float | tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, list) else float(value)
 
 
 def _spec(stage, upstream: list[str]) -> StageSpec:
@@ -29,7 +33,7 @@ def _spec(stage, upstream: list[str]) -> StageSpec:
         upstream=tuple(sorted(upstream)),
         tags=tuple(options.pop("tags", ())),
         retries=int(options.pop("retries", 0)),
-        retry_delay_seconds=float(options.pop("retry_delay_seconds", 10.0)),
+        retry_delay_seconds=_delays(options.pop("retry_delay_seconds", 10.0)),
         timeout_seconds=options.pop("timeout_seconds", None),
         extra=options,
     )

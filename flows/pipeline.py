@@ -66,8 +66,9 @@ def reproduce(name: str, root: str) -> dict[str, str | bool]:
 
 def stage_task(spec: StageSpec) -> Task:
     """A Prefect task named after the stage, with the tags, retries and timeout from its dvc.yaml meta."""
+    delays = list(spec.retry_delay_seconds) if isinstance(spec.retry_delay_seconds, tuple) else spec.retry_delay_seconds
     return task(reproduce, name=spec.name, task_run_name=spec.name, tags=list(spec.tags), retries=spec.retries,
-                retry_delay_seconds=spec.retry_delay_seconds, timeout_seconds=spec.timeout_seconds,
+                retry_delay_seconds=delays, timeout_seconds=spec.timeout_seconds,
                 retry_condition_fn=retryable, cache_policy=None, persist_result=False)
 
 

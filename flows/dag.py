@@ -7,6 +7,7 @@ from pathlib import Path
 
 import networkx as nx
 from dvc.repo import Repo
+from dvc.stage import PipelineStage
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ def _spec(stage, upstream: list[str]) -> StageSpec:
 def read_dag(root: Path) -> list[StageSpec]:
     """Stages of `root`/dvc.yaml in an order where every stage follows the stages it depends on."""
     with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        # Edges point from a stage to the stages it depends on. `.dvc` files (data tracked with `dvc add`)
+        # are nodes too; they run nothing, so only dvc.yaml's stages become tasks.
+        full = repo.index.graph
+        graph = full.subgraph([s for s in full if isinstance(s, PipelineStage)])
         order = list(reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing))))
         return [_spec(stage, [dep.addressing for dep in graph.successors(stage)]) for stage in order]

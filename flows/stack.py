@@ -58,6 +58,7 @@ def base_env() -> dict[str, str]:
 def prefect_server(home: Path, port: int | None = None) -> Iterator[str]:
     """A Prefect server on loopback with its own database under `home`; yields its API URL."""
     port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
     env = base_env() | {"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
     api = f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]

@@ -20,9 +20,12 @@ from prefect.runtime import deployment, flow_run
 from flows.dag import StageSpec, read_dag
 from flows.summary import summary_markdown
 from stages.io import OFFLINE_ENV
+from stages.service import stop
 
 SKIPPED_MARKS = ("didn't change, skipping", "is cached - skipping run")
 USER_ERROR_EXIT = 2  # stages exit 2 on bad input or params: retrying cannot help
+TIMEOUT_EXIT = 124
+GRACE_S = 60  # Prefect's own timeout fires only if stopping the stage itself hangs
 
 
 class StageFailed(RuntimeError):
@@ -51,14 +54,24 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def reproduce(name: str, root: str) -> dict[str, str | bool]:
-    """`dvc repro --single-item <stage>`: runs the stage only if its deps, params or outs changed."""
+def reproduce(name: str, root: str, timeout_s: float | None = None) -> dict[str, str | bool]:
+    """`dvc repro --single-item <stage>`: runs the stage only if its deps, params or outs changed.
+
+    On timeout the whole process group goes (dvc and the stage it started), so a retry never races a leftover.
+    """
     logger = get_run_logger()
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=root,
-                            env=stage_env(), capture_output=True, text=True)
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0:
-        raise StageFailed(f"stage {name} failed (exit {result.returncode}):\n{output[-4000:]}", result.returncode)
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=root,
+                               env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        raise StageFailed(f"stage {name} ran past its timeout of {timeout_s} s (meta.prefect.timeout_seconds "
+                          "in dvc.yaml) and was stopped", TIMEOUT_EXIT) from None
+    output = output.strip()
+    if process.returncode != 0:
+        raise StageFailed(f"stage {name} failed (exit {process.returncode}):\n{output[-4000:]}", process.returncode)
     skipped = any(mark in output for mark in SKIPPED_MARKS)
     logger.info("%s: %s\n%s", name, "up to date, skipped" if skipped else "reproduced", output[-2000:])
     return {"stage": name, "skipped": skipped}
@@ -68,7 +81,8 @@ def stage_task(spec: StageSpec) -> Task:
     """A Prefect task named after the stage, with the tags, retries and timeout from its dvc.yaml meta."""
     delays = list(spec.retry_delay_seconds) if isinstance(spec.retry_delay_seconds, tuple) else spec.retry_delay_seconds
     return task(reproduce, name=spec.name, task_run_name=spec.name, tags=list(spec.tags), retries=spec.retries,
-                retry_delay_seconds=delays, timeout_seconds=spec.timeout_seconds,
+                retry_delay_seconds=delays,
+                timeout_seconds=spec.timeout_seconds + GRACE_S if spec.timeout_seconds else None,
                 retry_condition_fn=retryable, cache_policy=None, persist_result=False)
 
 
@@ -104,7 +118,7 @@ def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False
     root = str(Path(root).resolve())
     if pull_first:
         pull(root)
-    results = [stage_task(spec)(spec.name, root) for spec in read_dag(Path(root))]
+    results = [stage_task(spec)(spec.name, root, spec.timeout_seconds) for spec in read_dag(Path(root))]
     if push_after:
         push(root)
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(Path(root), results),

@@ -160,13 +160,17 @@ def read_vader(source: Path, neutral_band: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _bad_rows(mask: pd.Series) -> str:
-    rows = [str(i + 2) for i in mask[mask].index[:5]]  # +2: 1-based, after the header line
+# How a row index maps to what the user sees: a line of the file (after a CSV/TSV header), or a row number.
+ROW_OFFSET = {"csv": 2, "tsv": 2, "jsonl": 1, "parquet": 0, "folder": 0}
+
+
+def _bad_rows(mask: pd.Series, offset: int) -> str:
+    rows = [str(i + offset) for i in mask[mask].index[:5]]
     more = f" and {int(mask.sum()) - len(rows)} more" if mask.sum() > len(rows) else ""
     return ", ".join(rows) + more
 
 
-def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path) -> pd.DataFrame:
+def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str = "csv") -> pd.DataFrame:
     """Map the user's columns onto text/label/domain; reject what cannot be trained on."""
     wanted = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
     if cfg.domain_column:
@@ -185,8 +189,9 @@ def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path) -> pd.Dat
     for column, key in (("text", "data.text_column"), ("label", "data.label_column")):
         missing = out[column].isna() | (out[column].astype(str).str.strip() == "")
         if missing.any():
-            raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in row(s) "
-                                f"{_bad_rows(missing)}; fill or drop those rows")
+            where = "line(s)" if fmt in {"csv", "tsv", "jsonl"} else "row(s) (0-based)"
+            raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in {where} "
+                                f"{_bad_rows(missing, ROW_OFFSET[fmt])}; fill or drop those rows")
     out["domain"] = out["domain"].fillna("unknown").astype(str)
     return out
 
@@ -236,7 +241,7 @@ def ingest(cfg: DataConfig) -> pd.DataFrame:
         if fmt == "folder":
             raw = raw.rename(columns={"text": cfg.text_column, "label": cfg.label_column})
             cfg = cfg.model_copy(update={"domain_column": None})
-        frame = select_columns(raw, cfg, source)
+        frame = select_columns(raw, cfg, source, fmt)
     frame = normalise(frame)
     check_classes(frame, source, cfg.label_column)
     return frame
@@ -246,8 +251,8 @@ def main() -> None:
     params = load_params()
     remove_outputs(params.paths.raw, params.paths.data_report)
     frame = ingest(params.data)
-    write_parquet(frame, params.paths.raw)
     report = data_report(frame, params.data.source)
+    write_parquet(frame, params.paths.raw)
     write_json(report, params.paths.data_report)
     log.info("ingest: %d rows, labels %s, domains %s", report["rows"], report["label_counts"], report["domain_counts"])
 

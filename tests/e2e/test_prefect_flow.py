@@ -86,3 +86,15 @@ def test_deployment_declares_cron_schedule_on_the_gpu_pool(prefect_server: str, 
     assert deployment["name"] == "nightly" and deployment["work_pool_name"] == "gpu-pool"
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
     assert deployment["entrypoint"] == "flows/pipeline.py:pipeline"
+
+
+def test_a_stage_past_its_timeout_is_stopped_with_its_children(prefect_server: str, tmp_path: Path) -> None:
+    root = make_project(tmp_path / "slow")
+    dag = (root / "dvc.yaml").read_text()
+    (root / "dvc.yaml").write_text(dag.replace("prefect: {tags: [gpu], timeout_seconds: 3600}",
+                                               "prefect: {tags: [gpu], timeout_seconds: 1}"))
+    result = _flow(root, prefect_server)
+    assert result.returncode != 0
+    assert "extract_features ran past its timeout of 1" in result.stdout + result.stderr
+    leftovers = subprocess.run(["pgrep", "-f", f"stages.extract_features.*|{root}"], capture_output=True, text=True)
+    assert not [line for line in leftovers.stdout.split() if line.strip()], "the stage process outlived its timeout"

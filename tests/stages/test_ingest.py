@@ -64,7 +64,7 @@ def test_builtin_default_has_four_domains() -> None:
     (b"", {}, "is empty"),
     (b"body,label\nhi,a\nyo,b\n", {}, r"column 'text' \(from data.text_column\) not found"),
     (b"text,label\nhi,a\nyo,a\n", {}, "single class"),
-    (b"text,label\nhi,a\n,b\nyo,b\n", {}, r"column 'text' is empty or null in row\(s\) 3"),
+    (b"text,label\nhi,a\n,b\nyo,b\n", {}, r"column 'text' is empty or null in line\(s\) 3"),
     (b"text,label\nhi,a\nyo,\n", {}, r"column 'label' is empty or null"),
     (b"text,label\nhi,a\nyo \xff\xfe,b\n", {}, r"\(line 3\) is not valid UTF-8"),
     (b"text,label\nhi,a\n", {"domain_column": "site"}, r"column 'site' \(from data.domain_column\)"),
@@ -100,3 +100,18 @@ def test_report_counts(tiny_frame: pd.DataFrame) -> None:
     report = data_report(tiny_frame, TINY_CSV)
     assert report["rows"] == 280 and report["label_counts"] == {"negative": 140, "positive": 140}
     json.dumps(report)
+
+
+def test_jsonl_null_text_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine", "label": "a"}\n{"text": null, "label": "b"}\n')
+    with pytest.raises(PipelineError, match=r"line\(s\) 2"):
+        ingest(_cfg(path))
+
+
+def test_compressed_csv_is_read(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "d.csv.gz"
+    path.write_bytes(gzip.compress(b"text,label\ngood,pos\nbad,neg\n"))
+    assert ingest(_cfg(path))["label"].tolist() == ["pos", "neg"]

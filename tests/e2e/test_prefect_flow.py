@@ -5,6 +5,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -96,5 +97,6 @@ def test_a_stage_past_its_timeout_is_stopped_with_its_children(prefect_server: s
     result = _flow(root, prefect_server)
     assert result.returncode != 0
     assert "extract_features ran past its timeout of 1" in result.stdout + result.stderr
-    leftovers = subprocess.run(["pgrep", "-f", f"stages.extract_features.*|{root}"], capture_output=True, text=True)
-    assert not [line for line in leftovers.stdout.split() if line.strip()], "the stage process outlived its timeout"
+    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                 if "stages.extract_features" in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, f"the stage process outlived its timeout: {leftovers}"

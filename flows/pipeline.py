@@ -19,7 +19,7 @@ from prefect.runtime import deployment, flow_run
 
 from flows.dag import StageSpec, read_dag
 from flows.summary import summary_markdown
-from stages.io import OFFLINE_ENV
+from stages.io import offline_env
 from stages.service import stop
 
 SKIPPED_MARKS = ("didn't change, skipping", "is cached - skipping run")
@@ -48,7 +48,7 @@ def stage_env() -> dict[str, str]:
     env = dict(os.environ)
     # dvc.yaml's `python -m stages.<name>` must find this interpreter even when a worker's PATH does not.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
+    env = offline_env(env)
     env["PIPELINE_PREFECT_FLOW_RUN_ID"] = str(flow_run.id or "")
     env["PIPELINE_PREFECT_DEPLOYMENT"] = str(deployment.name or "")
     return env
@@ -128,7 +128,7 @@ def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the pipeline as a Prefect flow.")
-    os.environ.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
+    os.environ.update(offline_env(dict(os.environ)))
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
     parser.add_argument("--pull", action="store_true", help="dvc pull from the DVC remote first")
     parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")

@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from stages.io import OFFLINE_ENV
+from stages.io import offline_env
 from stages.service import background_service, free_port
 
 POOL_CONCURRENCY_TAG = "gpu"
@@ -51,7 +51,7 @@ def read_deployment(root: Path) -> Deployment:
 
 def base_env() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
-    return os.environ | OFFLINE_ENV | {"PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    return offline_env(dict(os.environ)) | {"PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
 @contextmanager

@@ -25,6 +25,11 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISAB
                "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
+def offline_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with OFFLINE_ENV filled in wherever the user did not set the variable."""
+    return env | {k: v for k, v in OFFLINE_ENV.items() if k not in env}
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `target` (file or folder); move it into place only on success."""
@@ -72,7 +77,7 @@ def remove_outputs(*paths: Path) -> None:
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(): user errors print one clear message and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
+    os.environ.update(offline_env(dict(os.environ)))
     try:
         main()
     except PipelineError as error:

@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from stages.config import RegisterConfig
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 

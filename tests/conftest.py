@@ -15,14 +15,14 @@ import pytest
 import yaml
 
 from stages.config import Params, load_params
-from stages.io import OFFLINE_ENV
+from stages.io import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CSV = ROOT / "tests" / "data" / "tiny_sentiment.csv"  # 280 rows of the Hutto & Gilbert data (MIT)
 PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
                  ".dvcignore"]
 
-os.environ.update(OFFLINE_ENV | {k: v for k, v in os.environ.items() if k in OFFLINE_ENV})
+os.environ.update(offline_env(dict(os.environ)))
 # `dvc exp run` and the tests' own commits need a git identity; CI machines may have none configured.
 for _var, _value in {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
                      "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}.items():

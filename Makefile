@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup data pipeline flow stack test bench clean
+.PHONY: setup data pipeline studies flow stack test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ pipeline: data  ## set up, then run all seven stages with DVC
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
+studies: pipeline  ## the data-efficiency curve and few-shot domain adaptation (studies/dvc.yaml)
+	$(BIN)/dvc repro studies/dvc.yaml
+	$(BIN)/dvc metrics show
+
 flow: data  ## the same DAG as a Prefect flow
 	$(BIN)/python -m flows.pipeline
 
@@ -40,6 +44,7 @@ test: data  ## unit + end-to-end tests
 bench: data  ## speed and accuracy vs the peers, side by side; then the cold and no-op pipeline
 	$(BIN)/python -m benchmarks.run --out reports/benchmarks.json
 	$(BIN)/python -m benchmarks.pipeline --out reports/pipeline_benchmark.json
+	$(BIN)/python -m benchmarks.accuracy --out reports/accuracy.json
 
 clean:
 	rm -rf $(VENV)

@@ -1,11 +1,13 @@
 """Benchmark the pipeline against peer libraries, measured in the same run, on the same data and model.
 
 What it measures (the project's default data and backbone, from params.yaml in the current directory):
-  1. feature extraction throughput (texts/s) of `stages.extract_features` (fp32 and bf16) against
-     `sentence_transformers.SentenceTransformer.encode` with the same model, max length and batch size,
-     plus the minimum cosine similarity between our embeddings and the peer's;
-  2. fine-tuning throughput (samples/s) and test accuracy of the project's torch loop (LP-FT: linear probe,
-     then `stages.finetune_loop.finetune`) against `transformers.Trainer` with the same hyperparameters.
+  1. feature extraction throughput (texts/s) of `stages.extract_features` in each runtime and precision (torch
+     fp32, ONNX Runtime fp32, ONNX Runtime int8, torch bf16) against `sentence_transformers.SentenceTransformer
+     .encode` with the same model, max length and batch size, plus the cosine between our embeddings and the peer's;
+  2. what each mode costs downstream: linear-probe test accuracy on features from each mode (all training rows);
+  3. fine-tuning throughput (samples/s) and test accuracy of the project's torch loop (LP-FT: linear probe,
+     then `stages.finetune_loop.finetune`) against `transformers.Trainer` with the same hyperparameters
+     (1,024 rows, max length 64, batch 32, 3 epochs by default; neither loop validates).
 
 Run from the project root:  python -m benchmarks.run [--quick] [--out FILE.json]
 """
@@ -50,54 +52,79 @@ def subset(splits: pd.DataFrame, name: str, n: int | None, seed: int) -> tuple[l
     return part["text"].tolist(), part["label_id"].to_numpy().copy()
 
 
-def min_cosine(ours: np.ndarray, theirs: np.ndarray) -> float:
+def _cosines(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
     theirs = theirs / np.linalg.norm(theirs, axis=1, keepdims=True).clip(min=1e-12)
-    return float((ours * theirs).sum(axis=1).min())
+    return (ours * theirs).sum(axis=1)
+
+
+def min_cosine(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(_cosines(ours, theirs).min())
+
+
+def mean_cosine(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(_cosines(ours, theirs).mean())
+
+
+MODES = {"torch_fp32": ("torch", "fp32"), "onnx_fp32": ("onnxruntime", "fp32"), "onnx_int8": ("onnxruntime", "int8"),
+         "torch_bf16": ("torch", "bf16")}
 
 
 def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int) -> dict[str, Any]:
-    """Our extract_features (fp32, bf16) vs SentenceTransformer.encode, interleaved, best of `repeats`.
+    """Our extract_features in each runtime/precision vs SentenceTransformer.encode, interleaved, best of `repeats`.
 
     Our texts/s is embedding time only (meta["seconds"]), like the peer's encode of an already loaded model;
-    `texts_per_s_incl_load` adds the model load that every extract_features call does. bf16 embeds only the
-    first `bf16_rows` texts (a random sample like the rest): without AVX512-BF16/AMX, CPU bf16 is very slow.
+    `texts_per_s_incl_load` adds the model load (and, for ONNX Runtime, the export) that every call does. bf16
+    embeds only the first `bf16_rows` texts (a random sample like the rest): without AVX512-BF16/AMX it is slow.
     """
     from sentence_transformers import SentenceTransformer
 
     batch = params.extract_features.batch_size
     peer = SentenceTransformer(resolve_backbone(params.backbone.name), device="cpu")
     peer.max_seq_length = params.backbone.max_length
-    cfgs = {p: params.extract_features.model_copy(update={"precision": p}) for p in ("fp32", "bf16")}
+    cfgs = {name: params.extract_features.model_copy(update={"runtime": runtime, "precision": precision})
+            for name, (runtime, precision) in MODES.items()}
     peer.encode(texts[:8], batch_size=batch)  # untimed warm-ups
     for cfg in cfgs.values():
         extract_features(texts[:8], params.backbone, cfg)
-    runs: dict[str, list[tuple[float, float]]] = {"peer": [], "fp32": [], "bf16": []}
+    runs: dict[str, list[tuple[float, float]]] = {"peer": [], **{name: [] for name in cfgs}}
     vectors: dict[str, np.ndarray] = {}
+    rows = {"peer": len(texts), **{name: len(texts) for name in cfgs}, "torch_bf16": min(bf16_rows, len(texts))}
     for _ in range(repeats):
         start = time.perf_counter()
         vectors["peer"] = peer.encode(texts, batch_size=batch, convert_to_numpy=True)
         runs["peer"].append((time.perf_counter() - start,) * 2)
-        for precision, cfg in cfgs.items():
-            part = texts if precision == "fp32" else texts[:bf16_rows]
+        for name, cfg in cfgs.items():
             start = time.perf_counter()
-            vectors[precision], meta = extract_features(part, params.backbone, cfg)
-            runs[precision].append((max(meta["seconds"], 1e-9), time.perf_counter() - start))
-    rows = {"peer": len(texts), "fp32": len(texts), "bf16": min(bf16_rows, len(texts))}
+            vectors[name], meta = extract_features(texts[:rows[name]], params.backbone, cfg)
+            runs[name].append((max(meta["seconds"], 1e-9), time.perf_counter() - start))
     best = {k: (rows[k] / min(r[0] for r in v), rows[k] / min(r[1] for r in v)) for k, v in runs.items()}
     out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": best["peer"][0],
                            "seconds": {k: [r[0] for r in v] for k, v in runs.items()}}
-    for precision in cfgs:
-        out[precision] = {"texts_per_s": best[precision][0], "texts_per_s_incl_load": best[precision][1],
-                          "min_cosine": min_cosine(vectors[precision], vectors["peer"][:rows[precision]]),
-                          "rows": rows[precision]}
+    for name in cfgs:
+        out[name] = {"texts_per_s": best[name][0], "texts_per_s_incl_load": best[name][1],
+                     "min_cosine": min_cosine(vectors[name], vectors["peer"][:rows[name]]),
+                     "mean_cosine": mean_cosine(vectors[name], vectors["peer"][:rows[name]]), "rows": rows[name]}
     return out
 
 
-def bench_ours(params: Params, train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray],
-               test: tuple[list[str], np.ndarray], labels: list[str]) -> dict[str, Any]:
-    """LP-FT as `stages.fine_tune.train_candidate` does it for strategy 'finetune'."""
+def bench_downstream(params: Params, train: tuple[list[str], np.ndarray], test: tuple[list[str], np.ndarray],
+                     modes: list[str]) -> dict[str, float]:
+    """Linear-probe test accuracy on features from each mode: what reduced precision costs downstream."""
+    accuracy = {}
+    for name in modes:
+        runtime, precision = MODES[name]
+        cfg = params.extract_features.model_copy(update={"runtime": runtime, "precision": precision})
+        features, _ = extract_features(train[0] + test[0], params.backbone, cfg)
+        probe = fit_probe(features[:len(train[0])], train[1], params.fine_tune.linear_probe, params.fine_tune.seed)
+        accuracy[name] = float(probe.score(features[len(train[0]):], test[1]))
+    return accuracy
+
+
+def bench_ours(params: Params, train: tuple[list[str], np.ndarray], test: tuple[list[str], np.ndarray],
+               labels: list[str], epochs: int) -> dict[str, Any]:
+    """LP-FT as `stages.fine_tune.train_candidate` does it for strategy 'finetune', without validation."""
     ft, seed = params.fine_tune, params.fine_tune.seed
-    cfg = ft.finetune.model_copy(update={"epochs": 1})
+    cfg = ft.finetune.model_copy(update={"epochs": epochs})
     start = time.perf_counter()
     features, _ = extract_features(train[0], params.backbone, params.extract_features)
     extract_s = time.perf_counter() - start
@@ -107,7 +134,7 @@ def bench_ours(params: Params, train: tuple[list[str], np.ndarray], val: tuple[l
     head = head_from_sklearn(probe.coef_, probe.intercept_)
     seed_everything(seed)
     tokenizer, encoder = load_encoder(params.backbone.name, torch.device("cpu"))
-    train_log = finetune(encoder, tokenizer, head, cfg, train, val, seed)
+    train_log = finetune(encoder, tokenizer, head, cfg, train, None, seed)
     info = {"labels": labels, "max_length": cfg.max_length, "backbone": params.backbone.name, "strategy": "finetune"}
     with tempfile.TemporaryDirectory() as folder:
         save_model(Path(folder), head.cpu(), info, encoder=encoder.cpu(), tokenizer=tokenizer)
@@ -117,7 +144,7 @@ def bench_ours(params: Params, train: tuple[list[str], np.ndarray], val: tuple[l
     return {"train_s": train_log.seconds, "samples_per_s": train_log.samples_per_second,
             "probe_extract_s": extract_s, "probe_fit_s": probe_s,
             "samples_per_s_incl_probe": rows / (train_log.seconds + extract_s + probe_s),
-            "val_rows_per_epoch": len(val[0]), "epochs": train_log.epochs,
+            "epochs": train_log.epochs,
             "test_accuracy": float((predicted == test[1]).mean())}
 
 
@@ -134,7 +161,7 @@ class _Tokenized(torch.utils.data.Dataset):
 
 
 def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[list[str], np.ndarray],
-               n_labels: int) -> dict[str, Any]:
+               n_labels: int, epochs: int) -> dict[str, Any]:
     """transformers.Trainer with the same hyperparameters; only trainer.train() is timed."""
     from transformers import (
         AutoModelForSequenceClassification,
@@ -153,7 +180,7 @@ def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels)
     with tempfile.TemporaryDirectory() as folder:
         args = TrainingArguments(
-            output_dir=folder, num_train_epochs=1, per_device_train_batch_size=cfg.batch_size,
+            output_dir=folder, num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size * 2, learning_rate=cfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, max_grad_norm=1.0,
             eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
@@ -165,7 +192,7 @@ def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
         trainer.train()
         seconds = time.perf_counter() - start
         logits = trainer.predict(_Tokenized(tokenizer, *test, cfg.max_length)).predictions
-    return {"train_s": seconds, "samples_per_s": len(train[0]) / seconds,
+    return {"train_s": seconds, "samples_per_s": len(train[0]) * epochs / seconds,
             "test_accuracy": float((np.asarray(logits).argmax(axis=1) == test[1]).mean())}
 
 
@@ -180,12 +207,14 @@ def machine() -> dict[str, Any]:
 
 def table_rows(result: dict[str, Any]) -> list[Row]:
     ex, ours, peer = result["extract"], result["finetune"]["ours"], result["finetune"]["peer"]
-    st, tr = "sentence-transformers encode", "transformers.Trainer"
-    return [
-        ("extract fp32 texts/s", ex["fp32"]["texts_per_s"], ex["peer_texts_per_s"], st),
-        ("extract bf16 texts/s", ex["bf16"]["texts_per_s"], ex["peer_texts_per_s"], st + " (fp32)"),
-        ("extract fp32 min cosine vs peer", ex["fp32"]["min_cosine"], 1.0, st),
-        ("extract bf16 min cosine vs peer", ex["bf16"]["min_cosine"], 1.0, st + " (fp32)"),
+    st, tr = "sentence-transformers encode (fp32)", "transformers.Trainer"
+    rows: list[Row] = []
+    for name in MODES:
+        rows.append((f"extract {name} texts/s", ex[name]["texts_per_s"], ex["peer_texts_per_s"], st))
+        rows.append((f"extract {name} min cosine", ex[name]["min_cosine"], 1.0, st))
+    for name, accuracy in result.get("downstream", {}).items():
+        rows.append((f"probe accuracy on {name}", accuracy, result["downstream"]["torch_fp32"], "our torch_fp32"))
+    return rows + [
         ("fine-tune samples/s", ours["samples_per_s"], peer["samples_per_s"], tr),
         ("fine-tune samples/s incl. probe", ours["samples_per_s_incl_probe"], peer["samples_per_s"], tr),
         ("fine-tune test accuracy", ours["test_accuracy"], peer["test_accuracy"], tr),
@@ -193,15 +222,18 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{'benchmark':<34}{'ours':>12}{'peer':>12}{'ratio':>8}  peer")
+    print(f"\n{'benchmark':<36}{'ours':>12}{'peer':>12}{'ratio':>8}  peer")
     for name, ours, peer, what in table_rows(result):
-        print(f"{name:<34}{ours:>12.7g}{peer:>12.7g}{'x%.2f' % (ours / peer):>8}  {what}")
+        print(f"{name:<36}{ours:>12.7g}{peer:>12.7g}{'x%.3f' % (ours / peer):>8}  {what}")
     ex, ft = result["extract"], result["finetune"]
-    print(f"\nextract: {ex['rows']} movie train texts, best of {ex['repeats']} interleaved runs; ours incl. model load: fp32 "
-          f"{ex['fp32']['texts_per_s_incl_load']:.1f}, bf16 {ex['bf16']['texts_per_s_incl_load']:.1f} texts/s")
-    print(f"fine-tune: {ft['train_rows']} train rows, 1 epoch, {ft['test_rows']} test rows; ours also scores "
-          f"{ft['ours']['val_rows_per_epoch']} val rows per epoch inside its timed loop; probe cost: extract "
-          f"{ft['ours']['probe_extract_s']:.1f}s + fit {ft['ours']['probe_fit_s']:.2f}s")
+    print(f"\nextract: {ex['rows']} movie train texts, best of {ex['repeats']} interleaved runs; ours incl. model load "
+          "(and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in MODES) + " texts/s")
+    if "downstream" in result:
+        print(f"downstream: linear probe on all {result['downstream_rows'][0]} train rows, scored on "
+              f"{result['downstream_rows'][1]} test rows, features from each mode")
+    print(f"fine-tune: {ft['train_rows']} train rows, {ft['epochs']} epochs, {ft['test_rows']} test rows, no "
+          f"validation in either loop; our probe step: extract {ft['ours']['probe_extract_s']:.1f}s + fit "
+          f"{ft['ours']['probe_fit_s']:.2f}s")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
 
 
@@ -213,7 +245,10 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, help="fine-tune rows (default 1024; --quick 128)")
     parser.add_argument("--bf16-rows", type=int, default=256, help="texts embedded in bf16 (default 256)")
     parser.add_argument("--repeats", type=int, help="extraction runs, best kept (default 3; --quick 2)")
-    parser.add_argument("--test-rows", type=int, help="test/val rows (default all; --quick 200)")
+    parser.add_argument("--test-rows", type=int, help="test rows (default all; --quick 200)")
+    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs, both loops (default 3)")
+    parser.add_argument("--downstream", action=argparse.BooleanOptionalAction, default=True,
+                        help="probe accuracy on every training row per extraction mode (default on; off with --quick)")
     args = parser.parse_args()
     n_extract = args.extract_rows or (256 if args.quick else 2048)
     n_train = args.train_rows or (128 if args.quick else 1024)
@@ -227,11 +262,14 @@ def main() -> None:
     result: dict[str, Any] = {"machine": machine(), "quick": args.quick}
     result["extract"] = bench_extract(params, subset(splits, "train", n_extract, seed)[0], repeats,
                                       args.bf16_rows)
-    train, val, test = (subset(splits, "train", n_train, seed), subset(splits, "val", n_test, seed),
-                        subset(splits, "test", n_test, seed))
-    result["finetune"] = {"train_rows": len(train[0]), "test_rows": len(test[0]),
-                          "ours": bench_ours(params, train, val, test, labels),
-                          "peer": bench_peer(params, train, test, len(labels))}
+    if args.downstream and not args.quick:
+        all_train, all_test = subset(splits, "train", None, seed), subset(splits, "test", None, seed)
+        result["downstream"] = bench_downstream(params, all_train, all_test, ["torch_fp32", "onnx_fp32", "onnx_int8"])
+        result["downstream_rows"] = [len(all_train[0]), len(all_test[0])]
+    train, test = subset(splits, "train", n_train, seed), subset(splits, "test", n_test, seed)
+    result["finetune"] = {"train_rows": len(train[0]), "test_rows": len(test[0]), "epochs": args.epochs,
+                          "ours": bench_ours(params, train, test, labels, args.epochs),
+                          "peer": bench_peer(params, train, test, len(labels), args.epochs)}
     result["table"] = [dict(zip(("benchmark", "ours", "peer", "peer_is"), row)) for row in table_rows(result)]
     print_table(result)
     if args.out:

@@ -40,12 +40,15 @@ def _spec(stage, upstream: list[str]) -> StageSpec:
     )
 
 
-def read_dag(root: Path) -> list[StageSpec]:
-    """Stages of `root`/dvc.yaml in an order where every stage follows the stages it depends on."""
+def read_dag(root: Path, studies: bool = False) -> list[StageSpec]:
+    """Stages of `root`/dvc.yaml (and, with `studies`, of every other dvc.yaml, e.g. studies/dvc.yaml) in an
+    order where every stage follows the stages it depends on."""
     with Repo(str(root)) as repo:
+        main_file = Path(repo.root_dir, "dvc.yaml").resolve()
         # Edges point from a stage to the stages it depends on. `.dvc` files (data tracked with `dvc add`)
         # are nodes too; they run nothing, so only dvc.yaml's stages become tasks.
         full = repo.index.graph
-        graph = full.subgraph([s for s in full if isinstance(s, PipelineStage)])
+        graph = full.subgraph([s for s in full if isinstance(s, PipelineStage)
+                               and (studies or Path(s.dvcfile.path).resolve() == main_file)])
         order = list(reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing))))
         return [_spec(stage, [dep.addressing for dep in graph.successors(stage)]) for stage in order]

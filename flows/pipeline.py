@@ -110,15 +110,16 @@ def push(root: str) -> str:
 
 
 @flow(name="transfer-pipeline", log_prints=True)
-def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False) -> list[dict]:
+def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False, studies: bool = False) -> list[dict]:
     """Run every stage of dvc.yaml in dependency order; publish a run summary artifact.
 
-    A worker on a fresh checkout sets `pull_first` (outputs from the DVC remote) and `push_after`.
+    A worker on a fresh checkout sets `pull_first` (outputs from the DVC remote) and `push_after`;
+    `studies` adds the stages of studies/dvc.yaml (data-efficiency curve, domain adaptation).
     """
     root = str(Path(root).resolve())
     if pull_first:
         pull(root)
-    results = [stage_task(spec)(spec.name, root, spec.timeout_seconds) for spec in read_dag(Path(root))]
+    results = [stage_task(spec)(spec.name, root, spec.timeout_seconds) for spec in read_dag(Path(root), studies)]
     if push_after:
         push(root)
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(Path(root), results),
@@ -132,8 +133,9 @@ def main() -> None:
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
     parser.add_argument("--pull", action="store_true", help="dvc pull from the DVC remote first")
     parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")
+    parser.add_argument("--studies", action="store_true", help="also run studies/dvc.yaml (curve, adaptation)")
     args = parser.parse_args()
-    results = pipeline(root=args.root, pull_first=args.pull, push_after=args.push)
+    results = pipeline(root=args.root, pull_first=args.pull, push_after=args.push, studies=args.studies)
     print(json.dumps(results, indent=2))
 
 

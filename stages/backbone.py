@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,7 +33,9 @@ def select_device() -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """fp32: exact. bf16: bf16 autocast anywhere. auto: mixed precision on CUDA (bf16, else fp16), exact on CPU."""
+    """fp32: exact. bf16: bf16 autocast anywhere. auto: mixed precision on CUDA (bf16, else fp16), exact on CPU.
+
+    (int8 is an onnxruntime precision: torch itself runs exact.)"""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto" and device.type == "cuda":
@@ -81,10 +83,14 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # padded batch -> last hidden state
+
+
 def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, *, max_length: int,
-          batch_size: int, precision: str = "auto", normalize: bool = True) -> np.ndarray:
-    """Embed `texts` with the frozen encoder; rows come back in input order, float32."""
+          batch_size: int, precision: str = "auto", normalize: bool = True, forward: Forward | None = None) -> np.ndarray:
+    """Embed `texts` with the frozen encoder (or `forward`, another runtime of it); input order, float32."""
     device = next(model.parameters()).device
+    run = forward or (lambda inputs: model(**inputs).last_hidden_state)
     encoded = tokenizer(texts, truncation=True, max_length=usable_length(max_length, tokenizer, model))
     ids, masks = encoded["input_ids"], encoded["attention_mask"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
@@ -93,8 +99,7 @@ def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTraine
             padded = tokenizer.pad({"input_ids": [ids[i] for i in batch], "attention_mask": [masks[i] for i in batch]},
                                    return_tensors="pt")
             padded = {k: v.to(device, non_blocking=True) for k, v in padded.items()}
-            hidden = model(**padded).last_hidden_state
-            pooled = mean_pool(hidden.float(), padded["attention_mask"])
+            pooled = mean_pool(run(padded).float(), padded["attention_mask"])
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
             out[batch] = pooled.cpu().numpy()

@@ -31,6 +31,10 @@ class Paths(_Section):
     evaluation: Path
     registry: Path
     deployment: Path
+    data_efficiency: Path
+    data_efficiency_metrics: Path
+    adaptation: Path
+    adaptation_metrics: Path
 
 
 class DataConfig(_Section):
@@ -64,7 +68,16 @@ class BackboneConfig(_Section):
 
 class ExtractConfig(_Section):
     batch_size: int = Field(ge=1)
-    precision: Literal["auto", "fp32", "bf16"]
+    runtime: Literal["auto", "torch", "onnxruntime"]
+    precision: Literal["auto", "fp32", "bf16", "int8"]
+
+    @model_validator(mode="after")
+    def _precision_fits_runtime(self) -> ExtractConfig:
+        if self.precision == "int8" and self.runtime == "torch":
+            raise ValueError("precision int8 needs runtime onnxruntime (or auto)")
+        if self.precision == "bf16" and self.runtime == "onnxruntime":
+            raise ValueError("precision bf16 needs runtime torch (or auto)")
+        return self
 
 
 class LinearProbeConfig(_Section):
@@ -74,6 +87,7 @@ class LinearProbeConfig(_Section):
 
 class FinetuneConfig(_Section):
     epochs: int = Field(ge=1, le=100)
+    min_steps: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0, lt=1.0)
     head_learning_rate_multiplier: float = Field(gt=0.0)
@@ -118,6 +132,26 @@ class DeployConfig(_Section):
     smoke_texts: list[str] = Field(min_length=1)
 
 
+class DataEfficiencyConfig(_Section):
+    labels_per_class: list[int | None] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    strategy: Literal["linear_probe", "finetune"]
+
+    @model_validator(mode="after")
+    def _positive_budgets(self) -> DataEfficiencyConfig:
+        bad = [b for b in self.labels_per_class if b is not None and b < 1]
+        if bad:
+            raise ValueError(f"labels_per_class must be positive integers or null, got {bad}")
+        return self
+
+
+class AdaptConfig(_Section):
+    labels_per_class: int = Field(ge=1, le=1000)
+    seeds: list[int] = Field(min_length=1)
+    steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0.0, lt=1.0)
+
+
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
@@ -131,6 +165,8 @@ class Params(_Section):
     evaluate: EvaluateConfig
     register: RegisterConfig
     deploy: DeployConfig
+    data_efficiency: DataEfficiencyConfig
+    adapt: AdaptConfig
 
 
 def _describe(error: ValidationError, path: Path) -> str:

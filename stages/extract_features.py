@@ -13,24 +13,35 @@ from safetensors.numpy import load_file, save_file
 from stages.backbone import embed, load_encoder, select_device
 from stages.config import BackboneConfig, ExtractConfig, load_params
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
+from stages.onnx_runtime import onnx_forward
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 META_FILE = "meta.json"
+
+
+def resolve_runtime(cfg: ExtractConfig, device: torch.device) -> tuple[str, str]:
+    """The (runtime, precision) to use. `auto` is torch: exact fp32 on CPU (what the served model computes),
+    bf16 or fp16 autocast on CUDA; int8 (ONNX Runtime) is opt-in, see README: speed against the peers."""
+    if cfg.runtime == "torch" or (cfg.runtime == "auto" and cfg.precision != "int8"):
+        return "torch", cfg.precision
+    return "onnxruntime", "int8" if cfg.precision == "auto" else cfg.precision
 
 
 def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractConfig) -> tuple[np.ndarray, dict]:
     """Embeddings of `texts` (input order) and a record of how they were made."""
     device = select_device()
     tokenizer, model = load_encoder(backbone.name, device)
+    runtime, precision = resolve_runtime(cfg, device)
+    forward = onnx_forward(model, tokenizer, precision, torch.get_num_threads()) if runtime == "onnxruntime" else None
     start = time.perf_counter()
     vectors = embed(texts, tokenizer, model, max_length=backbone.max_length, batch_size=cfg.batch_size,
-                    precision=cfg.precision)
+                    precision=precision if runtime == "torch" else "fp32", forward=forward)
     seconds = time.perf_counter() - start
     # Only what determines the vectors goes in `meta` (it is hashed with them); timings are logged, not saved.
-    meta = {"backbone": backbone.name, "max_length": backbone.max_length, "precision": cfg.precision,
+    meta = {"backbone": backbone.name, "max_length": backbone.max_length, "runtime": runtime, "precision": precision,
             "rows": len(texts), "dim": int(vectors.shape[1])}
-    log.info("extract_features: %d x %d in %.1fs (%.0f texts/s on %s, %d threads)", len(texts), meta["dim"], seconds,
-             len(texts) / max(seconds, 1e-9), device, torch.get_num_threads())
+    log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads)", len(texts), meta["dim"],
+             seconds, len(texts) / max(seconds, 1e-9), runtime, precision, device, torch.get_num_threads())
     return vectors, meta | {"seconds": seconds}
 
 

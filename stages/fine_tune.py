@@ -11,13 +11,15 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from stages.backbone import load_encoder, select_device
-from stages.config import BaselineConfig, LinearProbeConfig, Params, load_params
+from stages.config import BaselineConfig, FinetuneConfig, LinearProbeConfig, Params, load_params
 from stages.errors import PipelineError
-from stages.extract_features import load_features
-from stages.finetune_loop import finetune, seed_everything
+from stages.extract_features import META_FILE, load_features
+from stages.finetune_loop import TrainLog, finetune, seed_everything
 from stages.io import atomic_path, log, read_json, remove_outputs, run_main, write_parquet
-from stages.model import TextClassifier, head_from_sklearn, save_model
+from stages.model import Head, classify, head_from_sklearn, save_model
 
 
 def fit_baseline(texts: list[str], labels: np.ndarray, cfg: BaselineConfig, seed: int) -> Pipeline:
@@ -36,12 +38,33 @@ def _probabilities(prefix: str, proba: np.ndarray) -> dict[str, np.ndarray]:
     return {f"{prefix}_p{k}": proba[:, k] for k in range(proba.shape[1])}
 
 
+def training_epochs(cfg: FinetuneConfig, n_rows: int) -> int:
+    """`cfg.epochs`, or more if that is fewer than `cfg.min_steps` optimizer steps (few-shot data)."""
+    steps_per_epoch = -(-n_rows // cfg.batch_size)
+    return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+
+
+def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.ndarray],
+                        val: tuple[list[str], np.ndarray] | None, seed: int,
+                        ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, TrainLog]:
+    """LP-FT: the pretrained backbone and the probe's `head` trained together, in place."""
+    cfg = params.fine_tune.finetune
+    cfg = cfg.model_copy(update={"epochs": training_epochs(cfg, len(train[0]))})
+    seed_everything(seed)
+    tokenizer, encoder = load_encoder(params.backbone.name, select_device())
+    return tokenizer, encoder, finetune(encoder, tokenizer, head, cfg, train, val, seed)
+
+
+def rows(texts: list[str], y: np.ndarray, mask: np.ndarray) -> tuple[list[str], np.ndarray]:
+    return [t for t, m in zip(texts, mask) if m], y[mask]
+
+
 def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
                     folder: Path) -> tuple[np.ndarray, dict]:
     """Fit and save the candidate into `folder`; return its probabilities for every row and a training record."""
     cfg = params.fine_tune
     train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
-    y = splits["label_id"].to_numpy()
+    y, texts = splits["label_id"].to_numpy(), splits["text"].tolist()
     start = time.perf_counter()
     probe = fit_probe(features[train], y[train], cfg.linear_probe, cfg.seed)
     head = head_from_sklearn(probe.coef_, probe.intercept_)
@@ -53,20 +76,15 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
         save_model(folder, head, info)
         proba = probe.predict_proba(features)
     else:
-        seed_everything(cfg.seed)
-        tokenizer, encoder = load_encoder(params.backbone.name, select_device())
-        texts = splits["text"].tolist()
-        train_log = finetune(encoder, tokenizer, head, cfg.finetune,
-                             ([t for t, m in zip(texts, train) if m], y[train]),
-                             ([t for t, m in zip(texts, val) if m], y[val]), cfg.seed)
+        tokenizer, encoder, train_log = finetune_from_probe(params, head, rows(texts, y, train),
+                                                            rows(texts, y, val), cfg.seed)
         record.update(epochs=train_log.epochs, best_epoch=train_log.best_epoch,
                       train_samples_per_second=round(train_log.samples_per_second, 1))
         info["max_length"] = cfg.finetune.max_length
-        save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)
-        classifier = TextClassifier(folder)
         proba = np.zeros((len(splits), len(labels)), dtype=np.float32)
-        scored = ~train
-        proba[scored] = classifier.predict_proba([t for t, m in zip(texts, scored) if m])
+        proba[~train] = classify(encoder, tokenizer, head, rows(texts, y, ~train)[0], cfg.finetune.max_length,
+                                 2 * cfg.finetune.batch_size)
+        save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)
     record["seconds"] = round(time.perf_counter() - start, 1)
     return proba, record
 
@@ -93,6 +111,9 @@ def main() -> None:
     splits = pd.read_parquet(params.paths.splits)
     labels = read_json(params.paths.label_map)["labels"]
     features = load_features(params.paths.features)
+    if params.fine_tune.strategy == "linear_probe" and read_json(params.paths.features / META_FILE)["precision"] == "int8":
+        log.warning("fine_tune: the linear probe is fit and scored on int8 features, but the served model embeds in "
+                    "torch fp32: expect small differences (about 0.1 point of accuracy on the default data)")
     if len(features) != len(splits):
         raise PipelineError(f"{params.paths.features} holds {len(features)} rows but {params.paths.splits} has "
                             f"{len(splits)}; run `dvc repro extract_features` to rebuild the features")

@@ -21,8 +21,8 @@ from stages.model import Head
 class TrainLog:
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int = 0
-    samples_per_second: float = 0.0
-    seconds: float = 0.0
+    samples_per_second: float = 0.0  # training steps only, validation excluded
+    seconds: float = 0.0             # everything, validation included
 
 
 def seed_everything(seed: int) -> None:
@@ -92,15 +92,18 @@ def accuracy(encoder: PreTrainedModel, head: Head, batcher: _Batcher, labels: np
 
 
 def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, cfg: FinetuneConfig,
-             train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray], seed: int) -> TrainLog:
-    """Train encoder and head in place; keep the weights of the best validation epoch (early stopping)."""
+             train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray] | None, seed: int) -> TrainLog:
+    """Train encoder and head in place; keep the weights of the best validation epoch (early stopping).
+
+    Without `val` (few-shot: no labels to spare) every epoch runs and the last weights are kept.
+    """
     seed_everything(seed)
     device = next(encoder.parameters()).device
     head.to(device)
     freeze_lowest(encoder, cfg.freeze_layers)
     length = usable_length(cfg.max_length, tokenizer, encoder)
     train_batcher = _Batcher(tokenizer, train[0], length, device)
-    val_batcher = _Batcher(tokenizer, val[0], length, device)
+    val_batcher = _Batcher(tokenizer, val[0], length, device) if val is not None else None
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     optimizer = torch.optim.AdamW([
         {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.learning_rate},
@@ -113,8 +116,9 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
     # fp16 (CUDA without bf16) needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, "auto") == torch.float16)
     log, best, best_state, stale = TrainLog(), -1.0, None, 0
-    start = time.perf_counter()
+    start, train_seconds = time.perf_counter(), 0.0
     for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
         encoder.train()
         losses = []
         for batch in sortish_batches(train_batcher.lengths, cfg.batch_size, rng):
@@ -129,8 +133,13 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        val_acc = accuracy(encoder, head, val_batcher, val[1], device, cfg.batch_size)
-        log.epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_acc})
+        train_seconds += time.perf_counter() - epoch_start
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        log.epochs.append(record)
+        if val_batcher is None:
+            log.best_epoch = epoch
+            continue
+        val_acc = record["val_accuracy"] = accuracy(encoder, head, val_batcher, val[1], device, cfg.batch_size)
         if val_acc > best:
             best, stale, log.best_epoch = val_acc, 0, epoch
             best_state = (copy.deepcopy(encoder.state_dict()), copy.deepcopy(head.state_dict()))
@@ -139,7 +148,7 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
             if stale >= cfg.patience:
                 break
     log.seconds = time.perf_counter() - start
-    log.samples_per_second = len(train[0]) * len(log.epochs) / max(log.seconds, 1e-9)
+    log.samples_per_second = len(train[0]) * len(log.epochs) / max(train_seconds, 1e-9)
     if best_state is not None:
         encoder.load_state_dict(best_state[0])
         head.load_state_dict(best_state[1])

@@ -64,6 +64,24 @@ def read_info(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / MODEL_JSON).read_text(encoding="utf-8"))
 
 
+def classify(encoder: Any, tokenizer: Any, head: Head, texts: list[str], max_length: int,
+             batch_size: int) -> np.ndarray:
+    """Class probabilities [len(texts), C] of encoder -> mean pool -> head, batched by length."""
+    device = next(encoder.parameters()).device
+    encoder.eval()
+    length = usable_length(max_length, tokenizer, encoder)
+    encoded = tokenizer(list(texts), truncation=True, max_length=length)
+    out = np.zeros((len(texts), head.linear.out_features), dtype=np.float32)
+    with torch.inference_mode(), autocast_for(device, "auto"):
+        for batch in length_batches([len(x) for x in encoded["input_ids"]], batch_size):
+            padded = tokenizer.pad({k: [encoded[k][i] for i in batch] for k in ("input_ids", "attention_mask")},
+                                   return_tensors="pt").to(device)
+            hidden = encoder(**padded).last_hidden_state.float()
+            logits = head(mean_pool(hidden, padded["attention_mask"]))
+            out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return out
+
+
 class TextClassifier:
     """Loads a model folder; `predict_proba(texts)` and `predict(texts)` in scikit-learn's terms."""
 
@@ -80,17 +98,7 @@ class TextClassifier:
         self.head = load_head(folder).to(self.device).eval()
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        length = usable_length(self.max_length, self.tokenizer, self.encoder)
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=length)
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        with torch.inference_mode(), autocast_for(self.device, "auto"):
-            for batch in length_batches([len(x) for x in encoded["input_ids"]], self.batch_size):
-                padded = self.tokenizer.pad({k: [encoded[k][i] for i in batch] for k in ("input_ids", "attention_mask")},
-                                            return_tensors="pt").to(self.device)
-                hidden = self.encoder(**padded).last_hidden_state.float()
-                logits = self.head(mean_pool(hidden, padded["attention_mask"]))
-                out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return out
+        return classify(self.encoder, self.tokenizer, self.head, texts, self.max_length, self.batch_size)
 
     def predict(self, texts: list[str]) -> list[str]:
         return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]

@@ -28,7 +28,7 @@ def per_domain_rows(report: dict) -> pd.DataFrame:
                          for group, entry in groups.items() for model in ("candidate", "baseline")])
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -42,7 +42,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> No
     for i, line in enumerate(matrix):
         for j, n in enumerate(line):
             ax.text(j, i, str(n), ha="center", va="center")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_per_domain(rows: pd.DataFrame, path: Path) -> None:
@@ -50,7 +50,7 @@ def plot_per_domain(rows: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(table) + 1.5))
     table[["baseline", "candidate"]].plot.barh(ax=ax, xlim=(0, 1), title="accuracy: transfer vs no-transfer baseline")
     ax.set_xlabel("accuracy")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_calibration(bins: list[dict], path: Path) -> None:
@@ -58,7 +58,7 @@ def plot_calibration(bins: list[dict], path: Path) -> None:
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o")
     ax.set(xlabel="confidence", ylabel="accuracy", title="reliability, test split", xlim=(0, 1), ylim=(0, 1))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_plots(report: dict, labels: list[str], folder: Path) -> None:

@@ -38,6 +38,11 @@ def partition_domains(frame: pd.DataFrame, train_domains: list[str] | None) -> t
     return frame[inside], frame[~inside]
 
 
+def take_per_class(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most `n` random rows of each label (seeded): the few-shot draw."""
+    return frame.sample(frac=1.0, random_state=seed).groupby("label").head(n)
+
+
 def _stratified(frame: pd.DataFrame, size: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     counts = frame["label"].value_counts()
     if counts.min() < 2 or round(size * len(frame)) < len(counts):
@@ -51,7 +56,7 @@ def split(frame: pd.DataFrame, cfg: PreprocessConfig) -> pd.DataFrame:
     rest, test = _stratified(frame, cfg.test_size, cfg.seed, "test")
     train, val = _stratified(rest, cfg.val_size / (1.0 - cfg.test_size), cfg.seed, "val")
     if cfg.n_per_class is not None:
-        train = train.sample(frac=1.0, random_state=cfg.seed).groupby("label").head(cfg.n_per_class)
+        train = take_per_class(train, cfg.n_per_class, cfg.seed)
     return pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
 
 

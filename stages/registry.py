@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from stages.config import RegisterConfig
 
@@ -47,6 +50,18 @@ def dvc_hashes(lock_file: Path, paths: dict[str, Path]) -> dict[str, str]:
     recorded = {out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values()
                 for out in stage.get("outs", [])}
     return {name: recorded[str(path)] for name, path in paths.items() if str(path) in recorded}
+
+
+@contextmanager
+def study_run(experiment: str, stage: str, run_name: str, lineage: dict[str, Path]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for a study stage, tagged like register's runs: git commit, DVC hashes of its inputs, Prefect."""
+    configure_mlflow()
+    mlflow.set_experiment(experiment)
+    hashes = dvc_hashes(Path("dvc.lock"), lineage)
+    tags = {MLFLOW_RUN_NAME: run_name, "git_commit": git_commit(), "pipeline.stage": stage,
+            **{f"dvc.{k}": v for k, v in hashes.items()}, **orchestration_tags()}
+    with mlflow.start_run(tags=tags) as run:
+        yield run
 
 
 def orchestration_tags() -> dict[str, str]:

@@ -43,9 +43,11 @@ def tiny_overrides(root: Path) -> dict:
         "preprocess": {"test_size": 0.25, "val_size": 0.15},
         "backbone": {"max_length": 64},
         "fine_tune": {"strategy": "linear_probe", "linear_probe": {"C": 10.0},
-                      "finetune": {"epochs": 1, "batch_size": 16, "max_length": 48}},
+                      "finetune": {"epochs": 1, "min_steps": 0, "batch_size": 16, "max_length": 48}},
         "register": {"min_accuracy": 0.5, "min_macro_f1": 0.4},
         "deploy": {"startup_timeout_s": 120},
+        "data_efficiency": {"labels_per_class": [4, 8, None], "seeds": [0, 1], "strategy": "linear_probe"},
+        "adapt": {"labels_per_class": 4, "seeds": [0], "steps": 4},
     }
 
 

@@ -28,6 +28,8 @@ def test_repo_params_are_valid() -> None:
     ("extract_features", "precision", "fp8", "extract_features.precision"),
     ("register", "min_accuracy", 2, "register.min_accuracy"),
     ("backbone", "bogus_knob", 1, "backbone.bogus_knob"),
+    ("adapt", "labels_per_class", 0, "adapt.labels_per_class"),
+    ("data_efficiency", "strategy", "magic", "data_efficiency.strategy"),
 ])
 def test_bad_param_names_the_key(tmp_path: Path, section: str, key: str, value: object, named: str) -> None:
     with pytest.raises(PipelineError, match=named.replace(".", r"\.")) as error:

@@ -1,10 +1,13 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from pydantic import ValidationError
 
 from stages.backbone import embed, load_encoder, resolve_backbone, select_device
+from stages.config import ExtractConfig
 from stages.errors import PipelineError
-from stages.extract_features import extract_features
+from stages.extract_features import extract_features, resolve_runtime
 from tests.conftest import repo_cfg
 
 
@@ -13,13 +16,47 @@ def test_shape_and_unit_norm(tiny_splits: tuple[pd.DataFrame, dict], tiny_featur
     assert np.allclose(np.linalg.norm(tiny_features, axis=1), 1.0, atol=1e-5)
 
 
-def test_matches_sentence_transformers(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_exact_runtimes_match_sentence_transformers(tiny_splits: tuple[pd.DataFrame, dict], runtime: str) -> None:
     sentence_transformers = pytest.importorskip("sentence_transformers")
     texts = tiny_splits[0]["text"].tolist()[:48]
     reference = sentence_transformers.SentenceTransformer(resolve_backbone("default"), device="cpu").encode(texts)
-    ours, _ = extract_features(texts, repo_cfg("backbone", max_length=256), repo_cfg("extract_features", batch_size=16))
+    ours, meta = extract_features(texts, repo_cfg("backbone", max_length=256),
+                                  repo_cfg("extract_features", batch_size=16, runtime=runtime, precision="fp32"))
+    assert (meta["runtime"], meta["precision"]) == (runtime, "fp32")
     cosine = (ours * reference).sum(axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() >= 0.9999
+
+
+def test_int8_onnx_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
+    texts = tiny_splits[0]["text"].tolist()[:64]
+    backbone = repo_cfg("backbone", max_length=64)
+    int8, meta = extract_features(texts, backbone, repo_cfg("extract_features", runtime="auto", precision="int8"))
+    fp32, _ = extract_features(texts, backbone, repo_cfg("extract_features", runtime="torch", precision="fp32"))
+    assert (meta["runtime"], meta["precision"]) == ("onnxruntime", "int8")
+    cosine = (int8 * fp32).sum(axis=1)
+    assert cosine.mean() > 0.97 and not np.allclose(cosine, 1.0, atol=1e-4)  # close, and really quantized
+
+
+@pytest.mark.parametrize(("runtime", "precision", "device", "expected"), [
+    ("auto", "auto", "cpu", ("torch", "auto")),
+    ("auto", "auto", "cuda", ("torch", "auto")),
+    ("auto", "fp32", "cpu", ("torch", "fp32")),
+    ("auto", "bf16", "cpu", ("torch", "bf16")),
+    ("auto", "int8", "cuda", ("onnxruntime", "int8")),
+    ("torch", "auto", "cpu", ("torch", "auto")),
+    ("onnxruntime", "auto", "cpu", ("onnxruntime", "int8")),
+    ("onnxruntime", "fp32", "cpu", ("onnxruntime", "fp32")),
+])
+def test_runtime_resolution(runtime: str, precision: str, device: str, expected: tuple[str, str]) -> None:
+    cfg = repo_cfg("extract_features", runtime=runtime, precision=precision)
+    assert resolve_runtime(cfg, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize(("runtime", "precision"), [("torch", "int8"), ("onnxruntime", "bf16")])
+def test_precision_that_the_runtime_lacks_is_rejected(runtime: str, precision: str) -> None:
+    with pytest.raises(ValidationError, match=f"precision {precision} needs runtime"):
+        ExtractConfig(batch_size=8, runtime=runtime, precision=precision)
 
 
 def test_bucketing_keeps_input_order() -> None:
@@ -30,11 +67,12 @@ def test_bucketing_keeps_input_order() -> None:
     assert np.allclose(together, one_by_one, atol=1e-5)
 
 
-def test_bf16_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict], tiny_features: np.ndarray) -> None:
-    texts = tiny_splits[0]["text"].tolist()[:32]
-    bf16, meta = extract_features(texts, repo_cfg("backbone", max_length=64), repo_cfg("extract_features", precision="bf16"))
-    assert meta["precision"] == "bf16"
-    assert ((bf16 * tiny_features[:32]).sum(axis=1)).min() > 0.99
+def test_bf16_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
+    texts, backbone = tiny_splits[0]["text"].tolist()[:32], repo_cfg("backbone", max_length=64)
+    bf16, meta = extract_features(texts, backbone, repo_cfg("extract_features", precision="bf16"))
+    fp32, _ = extract_features(texts, backbone, repo_cfg("extract_features", precision="fp32"))
+    assert (meta["runtime"], meta["precision"]) == ("torch", "bf16")
+    assert ((bf16 * fp32).sum(axis=1)).min() > 0.99
 
 
 def test_unknown_backbone_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,3 +80,17 @@ def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_pa
     test = (predictions["split"] == "test").to_numpy()
     assert (proba[test].argmax(1) == predictions.loc[test, "label_id"]).mean() > 0.4  # chance is 0.25
     assert TextClassifier(tmp_path / "model").labels == labels
+
+
+@pytest.mark.parametrize(("rows", "epochs", "min_steps", "expected"), [
+    (7395, 1, 80, 1),   # every training row: 232 steps in one epoch
+    (128, 1, 80, 20),   # 64 per class: 4 steps per epoch
+    (1024, 3, 80, 3),   # epochs already give more than min_steps
+    (32, 1, 0, 1),
+])
+def test_few_shot_runs_get_at_least_min_steps(rows: int, epochs: int, min_steps: int, expected: int) -> None:
+    from stages.fine_tune import training_epochs
+    from tests.conftest import repo_cfg
+
+    cfg = repo_cfg("fine_tune").finetune.model_copy(update={"epochs": epochs, "min_steps": min_steps, "batch_size": 32})
+    assert training_epochs(cfg, rows) == expected

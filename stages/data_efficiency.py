@@ -1,0 +1,146 @@
+"""data_efficiency: accuracy of the transferred model vs the no-transfer baseline at several label budgets.
+
+Each budget draws at most N training rows per class, once per seed, and trains both models on exactly those
+rows; both are scored on the whole test split. A budget that takes every training row is drawn once (no
+subsampling, so no seeds to average). Results go to a curve (CSV for `dvc plots`, PNG), a metrics file, and an
+MLflow run whose metrics use the budget as their step, so MLflow charts the curve too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score
+
+from stages.config import Params, load_params
+from stages.extract_features import load_features
+from stages.fine_tune import finetune_from_probe, fit_baseline, fit_probe
+from stages.io import atomic_path, log, remove_outputs, run_main, write_json
+from stages.model import classify, head_from_sklearn
+from stages.plots import plt, save_figure
+from stages.preprocess import take_per_class
+from stages.registry import study_run
+
+POINTS_CSV, CURVE_CSV, CURVE_PNG = "points.csv", "curve.csv", "curve.png"
+MODELS = ("transfer", "baseline")
+
+
+def draws(train: pd.DataFrame, budget: int | None, seeds: list[int]) -> list[tuple[int, pd.DataFrame]]:
+    """(seed, rows) per draw; a budget at or above every class's size is one draw of all rows."""
+    largest = int(train["label"].value_counts().max())
+    if budget is None or budget >= largest:
+        return [(seeds[0], train)]
+    return [(seed, take_per_class(train, budget, seed)) for seed in seeds]
+
+
+def transfer_proba(params: Params, strategy: str, rows: pd.DataFrame, test: pd.DataFrame, features: np.ndarray,
+                   seed: int) -> np.ndarray:
+    """Test-split probabilities of the transferred model trained on `rows` only (no validation labels)."""
+    y = rows["label_id"].to_numpy()
+    probe = fit_probe(features[rows.index], y, params.fine_tune.linear_probe, seed)
+    if strategy == "linear_probe":
+        return probe.predict_proba(features[test.index])
+    head = head_from_sklearn(probe.coef_, probe.intercept_)
+    tokenizer, encoder, _ = finetune_from_probe(params, head, (rows["text"].tolist(), y), None, seed)
+    ft = params.fine_tune.finetune
+    return classify(encoder, tokenizer, head, test["text"].tolist(), ft.max_length, 2 * ft.batch_size)
+
+
+def point(params: Params, strategy: str, rows: pd.DataFrame, test: pd.DataFrame, features: np.ndarray,
+          seed: int) -> dict[str, float]:
+    y = test["label_id"].to_numpy()
+    baseline = fit_baseline(rows["text"].tolist(), rows["label_id"].to_numpy(), params.fine_tune.baseline, seed)
+    predicted = {"transfer": transfer_proba(params, strategy, rows, test, features, seed).argmax(axis=1),
+                 "baseline": baseline.predict(test["text"].tolist())}
+    out: dict[str, float] = {}
+    for model, guess in predicted.items():
+        out[f"{model}_accuracy"] = float(accuracy_score(y, guess))
+        out[f"{model}_macro_f1"] = float(f1_score(y, guess, average="macro"))
+    return out
+
+
+def run_curve(params: Params, splits: pd.DataFrame, features: np.ndarray) -> pd.DataFrame:
+    """One row per (budget, seed) with both models' test accuracy and macro-F1."""
+    cfg = params.data_efficiency
+    train, test = splits[splits["split"] == "train"], splits[splits["split"] == "test"]
+    budgets = sorted(cfg.labels_per_class, key=lambda b: float("inf") if b is None else b)
+    points = []
+    for budget in budgets:
+        for seed, rows in draws(train, budget, cfg.seeds):
+            scores = point(params, cfg.strategy, rows, test, features, seed)
+            points.append({"budget": "all" if budget is None else budget, "seed": seed,
+                           "labels_per_class": int(rows["label"].value_counts().min()), "train_rows": len(rows),
+                           **scores})
+            log.info("data_efficiency: %s", points[-1])
+    return pd.DataFrame(points)
+
+
+def summarize(points: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and std over draws) per budget; `gain` = transfer minus baseline accuracy."""
+    grouped = points.groupby("labels_per_class", sort=True)
+    curve = grouped[["transfer_accuracy", "baseline_accuracy", "transfer_macro_f1", "baseline_macro_f1"]].mean()
+    curve["transfer_accuracy_std"] = grouped["transfer_accuracy"].std(ddof=0)
+    curve["baseline_accuracy_std"] = grouped["baseline_accuracy"].std(ddof=0)
+    curve["gain"] = curve["transfer_accuracy"] - curve["baseline_accuracy"]
+    curve["draws"] = grouped.size()
+    return curve.reset_index().round(4)
+
+
+def curve_metrics(curve: pd.DataFrame, strategy: str) -> dict:
+    return {"strategy": strategy, "budgets": {
+        str(int(row.labels_per_class)): {"transfer_accuracy": row.transfer_accuracy, "baseline_accuracy":
+                                         row.baseline_accuracy, "gain": row.gain, "draws": int(row.draws)}
+        for row in curve.itertuples()}}
+
+
+def plot_curve(curve: pd.DataFrame, strategy: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, style in zip(MODELS, ("o-", "s--")):
+        ax.errorbar(curve["labels_per_class"], curve[f"{model}_accuracy"], yerr=curve[f"{model}_accuracy_std"],
+                    fmt=style, capsize=3, label=f"{model} ({strategy})" if model == "transfer" else
+                    "no-transfer baseline (TF-IDF + LR)")
+    ax.set(xscale="log", xlabel="labelled training rows per class", ylabel="test accuracy",
+           title="Data efficiency: transfer vs no transfer")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def log_curve(params: Params, curve: pd.DataFrame, folder: Path) -> str:
+    """One MLflow run: params, per-budget metrics (step = labels per class), the CSVs and the plot."""
+    cfg = params.data_efficiency
+    lineage = {"splits": params.paths.splits, "features": params.paths.features}
+    with study_run(params.register.experiment, "data_efficiency", f"data-efficiency ({cfg.strategy})",
+                   lineage) as run:
+        mlflow.log_params({"strategy": cfg.strategy, "labels_per_class": str(cfg.labels_per_class),
+                           "seeds": str(cfg.seeds), "backbone": params.backbone.name})
+        for row in curve.itertuples():
+            mlflow.log_metrics({"transfer_accuracy": row.transfer_accuracy, "baseline_accuracy": row.baseline_accuracy,
+                                "gain": row.gain}, step=int(row.labels_per_class))
+        mlflow.log_artifacts(str(folder), artifact_path="data_efficiency")
+        return run.info.run_id
+
+
+def main() -> None:
+    params = load_params()
+    paths = params.paths
+    remove_outputs(paths.data_efficiency, paths.data_efficiency_metrics)
+    splits = pd.read_parquet(paths.splits)
+    features = load_features(paths.features)
+    points = run_curve(params, splits, features)
+    curve = summarize(points)
+    with atomic_path(paths.data_efficiency) as folder:
+        folder.mkdir()
+        points.round(4).to_csv(folder / POINTS_CSV, index=False)
+        curve.to_csv(folder / CURVE_CSV, index=False)
+        plot_curve(curve, params.data_efficiency.strategy, folder / CURVE_PNG)
+        run_id = log_curve(params, curve, folder)
+    write_json(curve_metrics(curve, params.data_efficiency.strategy), paths.data_efficiency_metrics)
+    log.info("data_efficiency (MLflow run %s):\n%s", run_id, curve.to_string(index=False))
+
+
+if __name__ == "__main__":
+    run_main(main)

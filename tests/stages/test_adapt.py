@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.adapt import PER_DOMAIN_CSV, PLOT_PNG, POINTS_CSV, draw_shots, main, run_adaptation, summarize
+from stages.config import Params
+from stages.errors import PipelineError
+from stages.fine_tune import fine_tune
+from stages.io import read_json, write_parquet
+from stages.registry import tracking_uri
+
+LABELS = ["negative", "positive"]
+
+
+@pytest.fixture
+def trained(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tiny project after fine_tune: splits, a saved candidate (linear probe) and its predictions."""
+    splits = tiny_splits[0]
+    predictions = fine_tune(tiny_params, splits, tiny_features, LABELS, tiny_params.paths.model)
+    write_parquet(splits, tiny_params.paths.splits)
+    write_parquet(predictions, tiny_params.paths.predictions)
+    return splits, predictions
+
+
+def test_shots_and_scored_rows_never_overlap(tiny_splits: tuple) -> None:
+    domain = tiny_splits[0][tiny_splits[0]["domain"] == "amazon"]
+    shots, rest = draw_shots(domain, 4, 0, "amazon")
+    assert shots["label"].value_counts().to_dict() == {"negative": 4, "positive": 4}
+    assert not set(shots.index) & set(rest.index) and len(shots) + len(rest) == len(domain)
+    assert draw_shots(domain, 4, 0, "amazon")[0].index.equals(shots.index)
+
+
+def test_too_few_target_rows_names_the_domain_and_param(tiny_splits: tuple) -> None:
+    domain = tiny_splits[0][tiny_splits[0]["domain"] == "nyt"]
+    with pytest.raises(PipelineError, match=r"domain 'nyt' .*adapt\.labels_per_class=500"):
+        draw_shots(domain, 500, 0, "nyt")
+
+
+def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Params, trained: tuple) -> None:
+    splits, predictions = trained
+    points = run_adaptation(tiny_params, splits, predictions)
+    sizes = splits[splits["split"] == "heldout"].groupby("domain").size()
+    assert points["domain"].tolist() == ["amazon", "nyt", "tweets"]
+    assert (points["shots"] == 8).all() and (points["scored_rows"] + 8 == sizes[points["domain"]].to_numpy()).all()
+    rest_unadapted = points["unadapted_accuracy"]
+    assert ((rest_unadapted > 0) & (rest_unadapted < 1)).all()
+    assert np.allclose(points["gain"], points["adapted_accuracy"] - points["unadapted_accuracy"])
+
+
+def test_negative_transfer_stays_visible() -> None:
+    points = pd.DataFrame({"domain": ["a", "a", "b"], "seed": [0, 1, 0], "unadapted_accuracy": [0.8, 0.8, 0.6],
+                           "adapted_accuracy": [0.7, 0.76, 0.7], "baseline_accuracy": 0.5, "majority_accuracy": 0.5})
+    points["gain"] = points["adapted_accuracy"] - points["unadapted_accuracy"]
+    per_domain = summarize(points).set_index("domain")
+    assert per_domain.loc["a", "negative_transfer"] and not per_domain.loc["b", "negative_transfer"]
+    assert per_domain.loc["a", "gain"] == pytest.approx(-0.07)
+
+
+def test_no_heldout_domain_is_a_clear_error(tiny_params: Params, trained: tuple) -> None:
+    splits, predictions = trained
+    with pytest.raises(PipelineError, match="no held-out domain"):
+        run_adaptation(tiny_params, splits[splits["split"] != "heldout"], predictions)
+
+
+def test_stage_writes_report_metrics_and_an_mlflow_run(tiny_params: Params, trained: tuple) -> None:
+    main()
+    folder = tiny_params.paths.adaptation
+    assert {p.name for p in folder.iterdir()} == {POINTS_CSV, PER_DOMAIN_CSV, PLOT_PNG}
+    metrics = read_json(tiny_params.paths.adaptation_metrics)
+    assert set(metrics) == {"amazon", "nyt", "tweets"}
+    assert all(isinstance(m["negative_transfer"], bool) for m in metrics.values())
+    client = mlflow.MlflowClient(tracking_uri())
+    run = client.search_runs([client.get_experiment_by_name(tiny_params.register.experiment).experiment_id])[0]
+    assert run.data.tags["pipeline.stage"] == "adapt"
+    assert run.data.metrics["tweets.adapted_accuracy"] == pytest.approx(metrics["tweets"]["adapted_accuracy"])
+    assert Path(folder / PLOT_PNG).stat().st_size > 0

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from safetensors.numpy import save_file
+
+from stages.config import Params, load_params
+from stages.data_efficiency import CURVE_CSV, CURVE_PNG, POINTS_CSV, draws, main, run_curve, summarize
+from stages.errors import PipelineError
+from stages.extract_features import EMBEDDINGS_FILE
+from stages.io import read_json
+from stages.registry import tracking_uri
+
+
+def _train(splits: pd.DataFrame) -> pd.DataFrame:
+    return splits[splits["split"] == "train"]
+
+
+def test_draws_are_seeded_per_class_subsets(tiny_splits: tuple) -> None:
+    train = _train(tiny_splits[0])
+    first, again, other = draws(train, 3, [0, 0, 1])
+    assert first[1]["label"].value_counts().to_dict() == {"negative": 3, "positive": 3}
+    assert first[1].index.equals(again[1].index) and not first[1].index.equals(other[1].index)
+    assert set(first[1].index) <= set(train.index)
+
+
+def test_a_budget_that_takes_every_row_is_drawn_once(tiny_splits: tuple) -> None:
+    train = _train(tiny_splits[0])
+    for budget in (None, 10_000):
+        (seed, rows), = draws(train, budget, [3, 4, 5])
+        assert seed == 3 and rows.index.equals(train.index)
+
+
+def test_curve_has_a_point_per_draw_and_transfer_beats_chance(tiny_params: Params, tiny_splits: tuple,
+                                                             tiny_features: np.ndarray) -> None:
+    points = run_curve(tiny_params, tiny_splits[0], tiny_features)
+    assert points["budget"].tolist() == [4, 4, 8, 8, "all"]  # budgets [4, 8, null] x seeds [0, 1]; all rows once
+    assert points.loc[points["budget"] == 4, "train_rows"].tolist() == [8, 8]
+    curve = summarize(points)
+    assert curve["draws"].tolist() == [2, 2, 1]
+    assert curve["labels_per_class"].is_monotonic_increasing
+    assert np.allclose(curve["gain"], curve["transfer_accuracy"] - curve["baseline_accuracy"], atol=1e-3)
+    assert curve["transfer_accuracy"].iloc[-1] >= 0.6  # 42 training rows of real data, 18 test rows
+
+
+def test_finetune_strategy_trains_the_backbone_per_draw(tiny_params: Params, tiny_splits: tuple,
+                                                        tiny_features: np.ndarray) -> None:
+    params = tiny_params.model_copy(update={"data_efficiency": tiny_params.data_efficiency.model_copy(
+        update={"labels_per_class": [4], "seeds": [0], "strategy": "finetune"})})
+    probe = run_curve(tiny_params.model_copy(update={"data_efficiency": params.data_efficiency.model_copy(
+        update={"strategy": "linear_probe"})}), tiny_splits[0], tiny_features)
+    tuned = run_curve(params, tiny_splits[0], tiny_features)
+    assert len(tuned) == 1 and 0.0 <= tuned["transfer_accuracy"].iloc[0] <= 1.0
+    assert tuned["baseline_accuracy"].iloc[0] == probe["baseline_accuracy"].iloc[0]  # same draw, same baseline
+
+
+def _stage_inputs(params: Params, splits: pd.DataFrame, features: np.ndarray) -> None:
+    params.paths.splits.parent.mkdir(parents=True)
+    splits.to_parquet(params.paths.splits, index=False)
+    params.paths.features.mkdir(parents=True)
+    save_file({"embeddings": features}, str(params.paths.features / EMBEDDINGS_FILE))
+
+
+def test_stage_writes_curve_plot_metrics_and_an_mlflow_run(tiny_params: Params, tiny_splits: tuple,
+                                                           tiny_features: np.ndarray) -> None:
+    _stage_inputs(tiny_params, tiny_splits[0], tiny_features)
+    main()
+    folder = tiny_params.paths.data_efficiency
+    assert {p.name for p in folder.iterdir()} == {CURVE_CSV, POINTS_CSV, CURVE_PNG}
+    curve = pd.read_csv(folder / CURVE_CSV)
+    metrics = read_json(tiny_params.paths.data_efficiency_metrics)
+    assert list(metrics["budgets"]) == [str(n) for n in curve["labels_per_class"]]
+    client = mlflow.MlflowClient(tracking_uri())
+    run = client.search_runs([client.get_experiment_by_name(tiny_params.register.experiment).experiment_id])[0]
+    assert run.data.tags["pipeline.stage"] == "data_efficiency"
+    history = client.get_metric_history(run.info.run_id, "transfer_accuracy")
+    assert sorted(m.step for m in history) == curve["labels_per_class"].tolist()
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "data_efficiency")} == {
+        f"data_efficiency/{n}" for n in (CURVE_CSV, POINTS_CSV, CURVE_PNG)}
+
+
+def test_a_zero_budget_is_rejected_by_name(tiny_params: Params) -> None:
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["data_efficiency"]["labels_per_class"] = [0, 64]
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(PipelineError, match="data_efficiency: .*labels_per_class must be positive"):
+        load_params()

@@ -27,10 +27,18 @@ def _delays(value: float | list[float]) -> float | tuple[float, ...]:
     return tuple(float(v) for v in value) if isinstance(value, list) else float(value)
 
 
-def _spec(stage, upstream: list[str]) -> StageSpec:
+def address(stage: PipelineStage, root: Path) -> str:
+    """How `dvc repro` run in `root` names the stage: `name` in root's dvc.yaml, else `path/dvc.yaml:name`."""
+    dvcfile = Path(stage.dvcfile.path).resolve()
+    if dvcfile == (root / "dvc.yaml").resolve():
+        return stage.name
+    return f"{dvcfile.relative_to(root.resolve()).as_posix()}:{stage.name}"
+
+
+def _spec(stage: PipelineStage, name: str, upstream: list[str]) -> StageSpec:
     options = dict((stage.meta or {}).get("prefect", {}))
     return StageSpec(
-        name=stage.addressing,
+        name=name,
         upstream=tuple(sorted(upstream)),
         tags=tuple(options.pop("tags", ())),
         retries=int(options.pop("retries", 0)),
@@ -44,11 +52,11 @@ def read_dag(root: Path, studies: bool = False) -> list[StageSpec]:
     """Stages of `root`/dvc.yaml (and, with `studies`, of every other dvc.yaml, e.g. studies/dvc.yaml) in an
     order where every stage follows the stages it depends on."""
     with Repo(str(root)) as repo:
-        main_file = Path(repo.root_dir, "dvc.yaml").resolve()
+        top = Path(repo.root_dir)
         # Edges point from a stage to the stages it depends on. `.dvc` files (data tracked with `dvc add`)
         # are nodes too; they run nothing, so only dvc.yaml's stages become tasks.
         full = repo.index.graph
-        graph = full.subgraph([s for s in full if isinstance(s, PipelineStage)
-                               and (studies or Path(s.dvcfile.path).resolve() == main_file)])
-        order = list(reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing))))
-        return [_spec(stage, [dep.addressing for dep in graph.successors(stage)]) for stage in order]
+        names = {s: address(s, top) for s in full if isinstance(s, PipelineStage)}
+        graph = full.subgraph([s for s, name in names.items() if studies or ":" not in name])
+        order = list(reversed(list(nx.lexicographical_topological_sort(graph, key=names.__getitem__))))
+        return [_spec(stage, names[stage], [names[dep] for dep in graph.successors(stage)]) for stage in order]

@@ -30,6 +30,13 @@ for _var, _value in {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.co
 REPO_PARAMS = load_params(ROOT / "params.yaml")
 
 
+def registry_client(uri: str) -> Any:
+    """A client bound to `uri` for tracking and registry both (never to a URI another test set globally)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def repo_cfg(section: str, **updates: object) -> Any:
     """A section of the repo's params.yaml with `updates` applied: tests start from what ships."""
     return getattr(REPO_PARAMS, section).model_copy(update=updates)

@@ -11,7 +11,7 @@ import requests
 
 from flows import stack
 from flows.dag import read_dag
-from tests.conftest import ROOT, make_project, project_env, run
+from tests.conftest import ROOT, make_project, project_env, registry_client, run
 
 pytestmark = pytest.mark.e2e
 STAGES = ["ingest", "preprocess", "extract_features", "fine_tune", "evaluate", "register", "deploy"]
@@ -57,9 +57,8 @@ def test_flow_runs_the_dag_on_a_real_server(prefect_server: str, tmp_path: Path)
     summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
     assert "transfer gain" in summary and "Registry:" in summary
 
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("transfer-classifier", "champion")
     assert version.tags["prefect.flow_run_id"] == flow_runs[0]["id"]
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from mlflow.tracking import MlflowClient
 
 from flows import stack
 from stages.io import read_json
 from stages.service import background_service, free_port
-from tests.conftest import make_project, project_env
+from tests.conftest import make_project, project_env, registry_client
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
@@ -51,7 +50,7 @@ def pushed_project(servers: tuple[str, str], tmp_path_factory: pytest.TempPathFa
 def test_registry_over_http_and_serving_from_it(pushed_project: tuple[Path, dict]) -> None:
     root, env = pushed_project
     record = read_json(root / "reports/registry.json")
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = registry_client(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(record["model_name"], "champion")
     assert str(champion.version) == record["version"] and champion.tags["dvc.features"]
     assert client.get_run(record["run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")

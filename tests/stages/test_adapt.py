@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +10,7 @@ from stages.errors import PipelineError
 from stages.fine_tune import fine_tune
 from stages.io import read_json, write_parquet
 from stages.registry import tracking_uri
+from tests.conftest import registry_client
 
 LABELS = ["negative", "positive"]
 
@@ -72,7 +72,7 @@ def test_stage_writes_report_metrics_and_an_mlflow_run(tiny_params: Params, trai
     metrics = read_json(tiny_params.paths.adaptation_metrics)
     assert set(metrics) == {"amazon", "nyt", "tweets"}
     assert all(isinstance(m["negative_transfer"], bool) for m in metrics.values())
-    client = mlflow.MlflowClient(tracking_uri())
+    client = registry_client(tracking_uri())
     run = client.search_runs([client.get_experiment_by_name(tiny_params.register.experiment).experiment_id])[0]
     assert run.data.tags["pipeline.stage"] == "adapt"
     assert run.data.metrics["tweets.adapted_accuracy"] == pytest.approx(metrics["tweets"]["adapted_accuracy"])

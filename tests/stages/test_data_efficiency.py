@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +12,7 @@ from stages.errors import PipelineError
 from stages.extract_features import EMBEDDINGS_FILE
 from stages.io import read_json
 from stages.registry import tracking_uri
+from tests.conftest import registry_client
 
 
 def _train(splits: pd.DataFrame) -> pd.DataFrame:
@@ -73,7 +73,7 @@ def test_stage_writes_curve_plot_metrics_and_an_mlflow_run(tiny_params: Params, 
     curve = pd.read_csv(folder / CURVE_CSV)
     metrics = read_json(tiny_params.paths.data_efficiency_metrics)
     assert list(metrics["budgets"]) == [str(n) for n in curve["labels_per_class"]]
-    client = mlflow.MlflowClient(tracking_uri())
+    client = registry_client(tracking_uri())
     run = client.search_runs([client.get_experiment_by_name(tiny_params.register.experiment).experiment_id])[0]
     assert run.data.tags["pipeline.stage"] == "data_efficiency"
     history = client.get_metric_history(run.info.run_id, "transfer_accuracy")

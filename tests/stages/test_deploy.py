@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from mlflow.tracking import MlflowClient
 
 from stages.deploy import smoke_test
 from stages.io import read_json
 from stages.service import free_port
-from tests.conftest import run, set_param
+from tests.conftest import registry_client, run, set_param
 
 
 def test_smoke_test_rejects_a_server_that_does_not_answer() -> None:
@@ -26,7 +25,7 @@ def test_deploy_record_of_a_good_run(pipeline_project: Path) -> None:
 
 def test_failed_smoke_test_rolls_the_champion_back(fresh_registry: Path) -> None:
     root = fresh_registry
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
     run([sys.executable, "-m", "stages.register"], root)
     name = read_json(root / "reports/registry.json")["model_name"]
     set_param(root, "deploy", "startup_timeout_s", 0.001)  # the real server cannot answer in time

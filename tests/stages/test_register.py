@@ -2,11 +2,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from stages.io import read_json
 from stages.registry import decide
-from tests.conftest import repo_cfg, run, set_param
+from tests.conftest import registry_client, repo_cfg, run, set_param
 
 CANDIDATE = {"accuracy": 0.80, "macro_f1": 0.79}
 NO_THRESHOLDS = {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_baseline": 0.0, "min_gain_over_champion": 0.0}
@@ -36,7 +35,7 @@ def test_gate_rejects_and_says_why(baseline: float, champion: float | None, cfg:
 
 def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     root = fresh_registry
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
     register = [sys.executable, "-m", "stages.register"]
     run(register, root)
     first = read_json(root / "reports/registry.json")

@@ -37,13 +37,26 @@ def test_a_budget_that_takes_every_row_is_drawn_once(tiny_splits: tuple) -> None
 def test_curve_has_a_point_per_draw_and_transfer_beats_chance(tiny_params: Params, tiny_splits: tuple,
                                                              tiny_features: np.ndarray) -> None:
     points = run_curve(tiny_params, tiny_splits[0], tiny_features)
-    assert points["budget"].tolist() == [4, 4, 8, 8, "all"]  # budgets [4, 8, null] x seeds [0, 1]; all rows once
-    assert points.loc[points["budget"] == 4, "train_rows"].tolist() == [8, 8]
+    largest = int(_train(tiny_splits[0])["label"].value_counts().max())
+    assert points["labels_per_class"].tolist() == [4, 4, 8, 8, largest]  # [4, 8, null] x seeds [0, 1]; all rows once
+    assert points.loc[points["labels_per_class"] == 4, "train_rows"].tolist() == [8, 8]
     curve = summarize(points)
     assert curve["draws"].tolist() == [2, 2, 1]
     assert curve["labels_per_class"].is_monotonic_increasing
     assert np.allclose(curve["gain"], curve["transfer_accuracy"] - curve["baseline_accuracy"], atol=1e-3)
     assert curve["transfer_accuracy"].iloc[-1] >= 0.6  # 42 training rows of real data, 18 test rows
+
+
+def test_budgets_stay_apart_when_a_class_is_smaller_than_them(tiny_params: Params, tiny_splits: tuple,
+                                                              tiny_features: np.ndarray) -> None:
+    splits = tiny_splits[0]
+    negatives = splits.index[(splits["split"] == "train") & (splits["label"] == "negative")]
+    unbalanced = splits.drop(negatives[5:])  # 5 negative training rows left, the positives untouched
+    params = tiny_params.model_copy(update={"data_efficiency": tiny_params.data_efficiency.model_copy(
+        update={"labels_per_class": [8, 12, None], "seeds": [0]})})
+    curve = summarize(run_curve(params, unbalanced, tiny_features))
+    largest = int(_train(unbalanced)["label"].value_counts().max())
+    assert curve["labels_per_class"].tolist() == [8, 12, largest] and (curve["draws"] == 1).all()
 
 
 def test_finetune_strategy_trains_the_backbone_per_draw(tiny_params: Params, tiny_splits: tuple,

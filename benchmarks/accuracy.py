@@ -1,8 +1,14 @@
 """Accuracy with few labels: the data-efficiency study at fixed budgets, LP-FT vs linear probe vs no transfer.
 
 Runs `stages.data_efficiency.run_curve` in-process on the project's splits and features (run `dvc repro` first)
-for each strategy, with the budgets and seeds given here instead of params.yaml's, and prints the mean test
-accuracy per budget next to issue 4's targets. Figures are means over the seeds (one draw per seed).
+for each strategy, with the budgets and seeds given here instead of params.yaml's, and prints the mean accuracy per
+budget next to issue 4's targets. Figures are means over the seeds (one draw per seed).
+
+`--grid KEY=V1,V2,...` repeats the run once per value of one params.yaml key; with `--scored-split val` that is how
+a default is chosen without looking at the test split:
+
+    python -m benchmarks.accuracy --strategies finetune --budgets 64 --scored-split val \\
+        --grid fine_tune.finetune.min_steps=20,40,80
 
 Run from the project root:  python -m benchmarks.accuracy [--budgets 64 512] [--seeds 0 1 2 3 4] [--out FILE.json]
 """
@@ -13,14 +19,46 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import yaml
+from pydantic import ValidationError
 
-from stages.config import load_params
+from stages.config import Params, load_params
 from stages.data_efficiency import run_curve, summarize
 from stages.extract_features import load_features
 
 TARGETS = {64: 0.76, 512: 0.80}
+
+
+def parse_grid(spec: str | None) -> tuple[str | None, list[Any]]:
+    """`a.b.c=1,2,3` -> ("a.b.c", [1, 2, 3]) (values parsed as YAML); None -> (None, [None])."""
+    if spec is None:
+        return None, [None]
+    key, sep, values = spec.partition("=")
+    if not sep or not values:
+        raise SystemExit(f"--grid {spec!r}: expected KEY=V1,V2,... such as fine_tune.finetune.min_steps=20,40")
+    return key, [yaml.safe_load(value) for value in values.split(",")]
+
+
+def override(params: Params, key: str, value: Any) -> Params:
+    """`params` with the dotted `key` set to `value`, validated like params.yaml itself. Only fine_tune's training
+    knobs can vary: features are read once from disk, and budgets, seeds and strategy are this command's options."""
+    *parents, leaf = key.split(".")
+    if parents[:1] != ["fine_tune"] or key == "fine_tune.strategy":
+        raise SystemExit(f"--grid {key}: only fine_tune.* keys (not fine_tune.strategy: use --strategies) can vary")
+    data = params.model_dump(mode="json")
+    section = data
+    for part in parents:
+        section = section.get(part) if isinstance(section, dict) else None
+    if not isinstance(section, dict) or leaf not in section:
+        raise SystemExit(f"--grid: params.yaml has no key {key!r}")
+    section[leaf] = value
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise SystemExit(f"--grid {key}={value!r}: {error.errors()[0]['msg']}") from None
 
 
 def main() -> None:
@@ -28,28 +66,40 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 512], help="labelled rows per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--strategies", nargs="+", default=["linear_probe", "finetune"])
+    parser.add_argument("--scored-split", choices=["test", "val"], default="test",
+                        help="the split every model is scored on (val: for choosing hyperparameters)")
+    parser.add_argument("--grid", help="KEY=V1,V2,...: one run per value of this params.yaml key")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
-    params = load_params()
-    splits = pd.read_parquet(params.paths.splits)
-    features = load_features(params.paths.features)
+    base = load_params()
+    splits = pd.read_parquet(base.paths.splits)
+    features = load_features(base.paths.features)
+    grid_key, grid_values = parse_grid(args.grid)
     rows, seconds = [], {}
-    for strategy in args.strategies:
-        cfg = params.data_efficiency.model_copy(update={"labels_per_class": args.budgets, "seeds": args.seeds,
-                                                        "strategy": strategy})
-        start = time.perf_counter()
-        curve = summarize(run_curve(params.model_copy(update={"data_efficiency": cfg}), splits, features))
-        seconds[strategy] = round(time.perf_counter() - start, 1)
-        rows += [{"strategy": strategy, **row} for row in curve.to_dict(orient="records")]
+    for value in grid_values:
+        params = base if grid_key is None else override(base, grid_key, value)
+        for strategy in args.strategies:
+            cfg = params.data_efficiency.model_copy(update={"labels_per_class": args.budgets, "seeds": args.seeds,
+                                                            "strategy": strategy})
+            start = time.perf_counter()
+            curve = summarize(run_curve(params.model_copy(update={"data_efficiency": cfg}), splits, features,
+                                        args.scored_split))
+            name = strategy if grid_key is None else f"{strategy} {grid_key}={value}"
+            seconds[name] = round(time.perf_counter() - start, 1)
+            extra = {} if grid_key is None else {grid_key: value}
+            rows += [{"strategy": strategy, **extra, **row} for row in curve.to_dict(orient="records")]
     table = pd.DataFrame(rows)
     table["target"] = table["labels_per_class"].map(TARGETS)
-    print(table[["strategy", "labels_per_class", "draws", "transfer_accuracy", "transfer_accuracy_std",
-                 "baseline_accuracy", "gain", "target"]].to_string(index=False))
-    print(f"seconds per strategy (all budgets and seeds, this machine): {seconds}")
+    shown = ["strategy", *([grid_key] if grid_key else []), "labels_per_class", "draws", "transfer_accuracy",
+             "transfer_accuracy_std", "baseline_accuracy", "gain", "target"]
+    print(f"scored on the {args.scored_split} split")
+    print(table[shown].to_string(index=False))
+    print(f"seconds per run (all budgets and seeds, this machine): {seconds}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"budgets": args.budgets, "seeds": args.seeds, "seconds": seconds,
-                                        "rows": rows}, indent=2) + "\n", encoding="utf-8")
+        args.out.write_text(json.dumps({"budgets": args.budgets, "seeds": args.seeds, "scored_split":
+                                        args.scored_split, "grid": args.grid, "seconds": seconds, "rows": rows},
+                                       indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
 
 

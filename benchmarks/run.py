@@ -85,7 +85,7 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
             for name, (runtime, precision) in MODES.items()}
     peer.encode(texts[:8], batch_size=batch)  # untimed warm-ups
     for cfg in cfgs.values():
-        extract_features(texts[:8], params.backbone, cfg)
+        extract_features(texts[:8], params.backbone, cfg, "linear_probe")
     runs: dict[str, list[tuple[float, float]]] = {"peer": [], **{name: [] for name in cfgs}}
     vectors: dict[str, np.ndarray] = {}
     rows = {"peer": len(texts), **{name: len(texts) for name in cfgs}, "torch_bf16": min(bf16_rows, len(texts))}
@@ -95,7 +95,7 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
         runs["peer"].append((time.perf_counter() - start,) * 2)
         for name, cfg in cfgs.items():
             start = time.perf_counter()
-            vectors[name], meta = extract_features(texts[:rows[name]], params.backbone, cfg)
+            vectors[name], meta = extract_features(texts[:rows[name]], params.backbone, cfg, "linear_probe")
             runs[name].append((max(meta["seconds"], 1e-9), time.perf_counter() - start))
     best = {k: (rows[k] / min(r[0] for r in v), rows[k] / min(r[1] for r in v)) for k, v in runs.items()}
     out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": best["peer"][0],
@@ -114,7 +114,7 @@ def bench_downstream(params: Params, train: tuple[list[str], np.ndarray], test: 
     for name in modes:
         runtime, precision = MODES[name]
         cfg = params.extract_features.model_copy(update={"runtime": runtime, "precision": precision})
-        features, _ = extract_features(train[0] + test[0], params.backbone, cfg)
+        features, _ = extract_features(train[0] + test[0], params.backbone, cfg, "linear_probe")
         probe = fit_probe(features[:len(train[0])], train[1], params.fine_tune.linear_probe, params.fine_tune.seed)
         accuracy[name] = float(probe.score(features[len(train[0]):], test[1]))
     return accuracy
@@ -126,7 +126,7 @@ def bench_ours(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
     ft, seed = params.fine_tune, params.fine_tune.seed
     cfg = ft.finetune.model_copy(update={"epochs": epochs})
     start = time.perf_counter()
-    features, _ = extract_features(train[0], params.backbone, params.extract_features)
+    features, _ = extract_features(train[0], params.backbone, params.extract_features, "finetune")
     extract_s = time.perf_counter() - start
     start = time.perf_counter()
     probe = fit_probe(features, train[1], ft.linear_probe, seed)

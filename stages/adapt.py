@@ -1,55 +1,105 @@
 """adapt: few-shot domain adaptation of the candidate to each held-out domain, scored on rows never used for it.
 
-Per held-out domain and seed, `adapt.labels_per_class` labelled rows per class are drawn from the domain; the
-candidate (encoder and head, as fine_tune saved it) is trained on them for `adapt.steps` more steps, then scored
-on every other row of that domain, next to the unadapted candidate and the no-transfer baseline on the same rows.
-A negative gain is reported as negative transfer, never hidden.
+Per held-out domain and seed, `adapt.labels_per_class` labelled rows per class are drawn from the domain and the
+rest is split in two: an unlabelled pool (`adapt.unlabeled_fraction`: its text is used, its labels never) and the
+rows every model is scored on. The candidate (encoder and head, as fine_tune saved it) is trained on the shots for
+`adapt.steps` more steps ("shots only"), then, with `adapt.self_training_steps`, pseudo-labels the pool, keeps its
+confident rows (class-balanced) and trains on shots + pseudo-labels ("adapted"). Both sit next to the unadapted
+candidate and the no-transfer baseline on the same scored rows; a negative gain is reported, never hidden.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.backbone import load_encoder, select_device
-from stages.config import Params, load_params
+from stages.config import AdaptConfig, FinetuneConfig, Params, load_params
 from stages.errors import PipelineError
 from stages.evaluate import probabilities
 from stages.finetune_loop import finetune
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
-from stages.model import ENCODER_DIR, classify, load_head, read_info
+from stages.model import ENCODER_DIR, Head, classify, load_head, read_info
 from stages.plots import plt, save_figure
 from stages.preprocess import HELDOUT, take_per_class
 from stages.registry import study_run
 
 POINTS_CSV, PER_DOMAIN_CSV, PLOT_PNG = "points.csv", "per_domain.csv", "adaptation.png"
+METRICS = ("unadapted_accuracy", "shots_only_accuracy", "adapted_accuracy", "gain", "self_training_gain",
+           "baseline_accuracy", "negative_transfer", "self_training_negative")
 
 
-def draw_shots(domain: pd.DataFrame, per_class: int, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(labelled rows to adapt on, the rest of the domain to score on)."""
+@dataclass
+class TargetRows:
+    shots: pd.DataFrame     # labelled, trained on
+    pool: pd.DataFrame      # unlabelled text for self-training (labels never read)
+    scored: pd.DataFrame    # every model is scored here, nothing else touches them
+
+
+def draw_target(domain: pd.DataFrame, cfg: AdaptConfig, seed: int, name: str) -> TargetRows:
+    """Split one held-out domain into shots, unlabelled pool and scored rows (disjoint, seeded)."""
     counts = domain["label"].value_counts()
-    if counts.min() <= per_class:
+    if counts.min() <= cfg.labels_per_class:
         raise PipelineError(f"adapt: domain {name!r} has only {counts.to_dict()} rows per label, not more than "
-                            f"adapt.labels_per_class={per_class}; lower it so rows are left to score on")
-    shots = take_per_class(domain, per_class, seed)
-    return shots, domain.drop(shots.index)
+                            f"adapt.labels_per_class={cfg.labels_per_class}; lower it so rows are left to score on")
+    shots = take_per_class(domain, cfg.labels_per_class, seed)
+    rest = domain.drop(shots.index)
+    pool = rest.sample(frac=cfg.unlabeled_fraction, random_state=seed)
+    return TargetRows(shots, pool.drop(columns=["label", "label_id"]), rest.drop(pool.index))
 
 
-def adapted_proba(params: Params, model_dir: Path, shots: pd.DataFrame, rest: pd.DataFrame, seed: int) -> np.ndarray:
-    """Continue training the saved candidate on `shots`; return its probabilities on `rest`."""
+def pseudo_label(proba: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """(row positions, labels) of the confident predictions, the same number per class (the least-populated class's
+    count, most confident first), so self-training does not drift towards the class the model already favours."""
+    predicted, top = proba.argmax(axis=1), proba.max(axis=1)
+    per_class = [np.flatnonzero((predicted == k) & (top >= confidence)) for k in range(proba.shape[1])]
+    keep = min(len(rows) for rows in per_class)
+    chosen = np.concatenate([rows[np.argsort(-top[rows], kind="stable")[:keep]] for rows in per_class])
+    return chosen, predicted[chosen]
+
+
+def train_on(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, ft: FinetuneConfig,
+             cfg: AdaptConfig, texts: list[str], labels: np.ndarray, steps: int, seed: int) -> None:
+    """`steps` more optimizer steps (rounded up to whole epochs) on (texts, labels), in place."""
+    epochs = -(-steps // -(-len(texts) // ft.batch_size))
+    loop = ft.model_copy(update={"epochs": epochs, "min_steps": 0, "freeze_layers": 0,
+                                 "learning_rate": cfg.learning_rate, "head_learning_rate_multiplier": 1.0})
+    finetune(encoder, tokenizer, head, loop, (texts, labels), None, seed)
+
+
+def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int) -> dict[str, np.ndarray | int]:
+    """Continue training the saved candidate on the shots, then self-train on the pool; probabilities on the
+    scored rows after each step, and how many pool rows were pseudo-labelled."""
     cfg, ft = params.adapt, params.fine_tune.finetune
     info = read_info(model_dir)
     encoder_name = str(model_dir / ENCODER_DIR) if (model_dir / ENCODER_DIR).is_dir() else info["backbone"]
     tokenizer, encoder = load_encoder(encoder_name, select_device())
     head = load_head(model_dir)
-    steps_per_epoch = -(-len(shots) // ft.batch_size)
-    loop = ft.model_copy(update={"epochs": -(-cfg.steps // steps_per_epoch), "min_steps": 0, "freeze_layers": 0,
-                                 "learning_rate": cfg.learning_rate, "head_learning_rate_multiplier": 1.0})
-    finetune(encoder, tokenizer, head, loop, (shots["text"].tolist(), shots["label_id"].to_numpy()), None, seed)
-    return classify(encoder, tokenizer, head, rest["text"].tolist(), int(info["max_length"]), 2 * ft.batch_size)
+    length, batch = int(info["max_length"]), 2 * ft.batch_size
+    shot_texts, shot_labels = target.shots["text"].tolist(), target.shots["label_id"].to_numpy()
+    scored_texts = target.scored["text"].tolist()
+    train_on(encoder, tokenizer, head, ft, cfg, shot_texts, shot_labels, cfg.steps, seed)
+    out: dict[str, np.ndarray | int] = {"shots_only": classify(encoder, tokenizer, head, scored_texts, length, batch),
+                                        "pseudo_labelled": 0}
+    if cfg.self_training_steps == 0 or target.pool.empty:
+        return out | {"adapted": out["shots_only"]}
+    pool_texts = target.pool["text"].tolist()
+    rows, labels = pseudo_label(classify(encoder, tokenizer, head, pool_texts, length, batch),
+                                cfg.self_training_confidence)
+    if len(rows) == 0:
+        log.warning("adapt: no class has a pool row predicted with adapt.self_training_confidence >= %s for every "
+                    "class; this draw skips self-training (lower the threshold or raise adapt.unlabeled_fraction)",
+                    cfg.self_training_confidence)
+        return out | {"adapted": out["shots_only"]}
+    train_on(encoder, tokenizer, head, ft, cfg, shot_texts + [pool_texts[i] for i in rows],
+             np.concatenate([shot_labels, labels]), cfg.self_training_steps, seed)
+    return out | {"adapted": classify(encoder, tokenizer, head, scored_texts, length, batch),
+                  "pseudo_labelled": len(rows)}
 
 
 def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
@@ -57,7 +107,7 @@ def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
 
 
 def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
-    """One row per (domain, seed): unadapted, adapted and baseline accuracy on the same unseen target rows."""
+    """One row per (domain, seed): unadapted, shots-only, adapted and baseline accuracy on the same unseen rows."""
     cfg = params.adapt
     heldout = splits[splits["split"] == HELDOUT]
     if heldout.empty:
@@ -67,36 +117,46 @@ def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFra
     points = []
     for name, domain in heldout.groupby("domain", sort=True):
         for seed in cfg.seeds:
-            shots, rest = draw_shots(domain, cfg.labels_per_class, seed, str(name))
-            y = rest["label_id"].to_numpy()
-            unadapted, adapted = accuracy(candidate[rest.index], y), accuracy(
-                adapted_proba(params, params.paths.model, shots, rest, seed), y)
-            points.append({"domain": name, "seed": seed, "shots": len(shots), "scored_rows": len(rest),
-                           "unadapted_accuracy": unadapted, "adapted_accuracy": adapted, "gain": adapted - unadapted,
-                           "baseline_accuracy": accuracy(baseline[rest.index], y),
-                           "majority_accuracy": float(rest["label_id"].value_counts(normalize=True).max())})
+            target = draw_target(domain, cfg, seed, str(name))
+            y = target.scored["label_id"].to_numpy()
+            result = adapted_proba(params, params.paths.model, target, seed)
+            unadapted, adapted = accuracy(candidate[target.scored.index], y), accuracy(result["adapted"], y)
+            points.append({"domain": name, "seed": seed, "shots": len(target.shots),
+                           "unlabeled_rows": len(target.pool), "pseudo_labelled": result["pseudo_labelled"],
+                           "scored_rows": len(target.scored), "unadapted_accuracy": unadapted,
+                           "shots_only_accuracy": accuracy(result["shots_only"], y), "adapted_accuracy": adapted,
+                           "gain": adapted - unadapted,
+                           "self_training_gain": adapted - accuracy(result["shots_only"], y), "baseline_accuracy": accuracy(baseline[target.scored.index], y),
+                           "majority_accuracy": float(target.scored["label_id"].value_counts(normalize=True).max())})
             log.info("adapt: %s", points[-1])
     return pd.DataFrame(points)
 
 
 def summarize(points: pd.DataFrame) -> pd.DataFrame:
-    columns = ["unadapted_accuracy", "adapted_accuracy", "gain", "baseline_accuracy", "majority_accuracy"]
+    """Means per domain; negative transfer is flagged for the whole adaptation (vs unadapted) and, separately, for
+    the self-training step (vs shots only)."""
+    columns = ["unadapted_accuracy", "shots_only_accuracy", "adapted_accuracy", "gain", "self_training_gain",
+               "baseline_accuracy", "majority_accuracy"]
     per_domain = points.groupby("domain", sort=True)[columns].mean()
     per_domain["gain_std"] = points.groupby("domain", sort=True)["gain"].std(ddof=0)
     per_domain["negative_transfer"] = per_domain["gain"] < 0
+    per_domain["self_training_negative"] = per_domain["self_training_gain"] < 0
     return per_domain.reset_index().round(4)
 
 
-def plot_adaptation(per_domain: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     x = np.arange(len(per_domain))
-    bars = (("baseline_accuracy", "no-transfer baseline"), ("unadapted_accuracy", "transferred, unadapted"),
-            ("adapted_accuracy", "transferred + few-shot adaptation"))
+    bars = [("baseline_accuracy", "no-transfer baseline"), ("unadapted_accuracy", "transferred, unadapted"),
+            ("shots_only_accuracy", "+ few-shot adaptation")]
+    if self_trained:
+        bars.append(("adapted_accuracy", "+ self-training on target text"))
+    width = 0.8 / len(bars)
     for i, (column, label) in enumerate(bars):
-        ax.bar(x + (i - 1) * 0.27, per_domain[column], width=0.27, label=label)
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, per_domain[column], width=width, label=label)
     ax.set(xticks=x, xticklabels=per_domain["domain"], ylim=(0.4, 1.0), ylabel="accuracy on unseen target rows",
            title="Few-shot domain adaptation")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
     save_figure(fig, path)
 
 
@@ -106,15 +166,13 @@ def log_adaptation(params: Params, per_domain: pd.DataFrame, folder: Path) -> st
         mlflow.log_params(params.adapt.model_dump(mode="json"))
         for row in per_domain.itertuples():
             mlflow.log_metrics({f"{row.domain}.{k}": float(getattr(row, k))
-                                for k in ("unadapted_accuracy", "adapted_accuracy", "gain", "baseline_accuracy")})
+                                for k in METRICS if k != "negative_transfer"})
         mlflow.log_artifacts(str(folder), artifact_path="adaptation")
         return run.info.run_id
 
 
 def adaptation_metrics(per_domain: pd.DataFrame) -> dict:
-    return {row["domain"]: {k: row[k] for k in ("unadapted_accuracy", "adapted_accuracy", "gain", "baseline_accuracy",
-                                                  "negative_transfer")}
-            for row in per_domain.to_dict(orient="records")}
+    return {row["domain"]: {k: row[k] for k in METRICS} for row in per_domain.to_dict(orient="records")}
 
 
 def main() -> None:
@@ -132,7 +190,7 @@ def main() -> None:
         folder.mkdir()
         points.round(4).to_csv(folder / POINTS_CSV, index=False)
         per_domain.to_csv(folder / PER_DOMAIN_CSV, index=False)
-        plot_adaptation(per_domain, folder / PLOT_PNG)
+        plot_adaptation(per_domain, folder / PLOT_PNG, params.adapt.self_training_steps > 0)
         run_id = log_adaptation(params, per_domain, folder)
     write_json(adaptation_metrics(per_domain), paths.adaptation_metrics)
     log.info("adapt (MLflow run %s):\n%s", run_id, per_domain.to_string(index=False))

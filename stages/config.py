@@ -150,6 +150,16 @@ class AdaptConfig(_Section):
     seeds: list[int] = Field(min_length=1)
     steps: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0, lt=1.0)
+    unlabeled_fraction: float = Field(ge=0.0, lt=1.0)
+    self_training_steps: int = Field(ge=0)
+    self_training_confidence: float = Field(ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _self_training_has_a_pool(self) -> AdaptConfig:
+        if (self.self_training_steps > 0) != (self.unlabeled_fraction > 0.0):
+            raise ValueError("self-training needs both self_training_steps > 0 and unlabeled_fraction > 0 (the "
+                             "unlabelled target text), or neither: a pool nothing trains on only shrinks the scored rows")
+        return self
 
 
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)

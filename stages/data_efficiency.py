@@ -62,10 +62,11 @@ def point(params: Params, strategy: str, rows: pd.DataFrame, test: pd.DataFrame,
     return out
 
 
-def run_curve(params: Params, splits: pd.DataFrame, features: np.ndarray) -> pd.DataFrame:
-    """One row per (budget, seed) with both models' test accuracy and macro-F1."""
+def run_curve(params: Params, splits: pd.DataFrame, features: np.ndarray, scored_split: str = "test") -> pd.DataFrame:
+    """One row per (budget, seed) with both models' accuracy and macro-F1 on `scored_split` (benchmarks choose
+    hyperparameters on "val", so the test split is never looked at while choosing)."""
     cfg = params.data_efficiency
-    train, test = splits[splits["split"] == "train"], splits[splits["split"] == "test"]
+    train, test = splits[splits["split"] == "train"], splits[splits["split"] == scored_split]
     largest = int(train["label"].value_counts().max())
     budgets = sorted({largest if b is None else min(b, largest) for b in cfg.labels_per_class})
     points = []

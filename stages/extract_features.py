@@ -19,19 +19,26 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 META_FILE = "meta.json"
 
 
-def resolve_runtime(cfg: ExtractConfig, device: torch.device) -> tuple[str, str]:
-    """The (runtime, precision) to use. `auto` is torch: exact fp32 on CPU (what the served model computes),
-    bf16 or fp16 autocast on CUDA; int8 (ONNX Runtime) is opt-in, see README: speed against the peers."""
+def resolve_runtime(cfg: ExtractConfig, device: torch.device, strategy: str) -> tuple[str, str]:
+    """The (runtime, precision) to use. `auto` picks the fastest mode that passes the accuracy bound (README: speed
+    against the peers) without opening a gap between the evaluated and the served model: on CUDA, torch autocast;
+    on CPU, int8 on ONNX Runtime when the features only start fine-tuning (strategy finetune: the served model is
+    the fine-tuned torch encoder), exact torch fp32 when the served linear probe reads them (strategy linear_probe)."""
+    if cfg.runtime == "auto" and cfg.precision == "auto":
+        if device.type == "cpu" and strategy == "finetune":
+            return "onnxruntime", "int8"
+        return "torch", "auto"
     if cfg.runtime == "torch" or (cfg.runtime == "auto" and cfg.precision != "int8"):
         return "torch", cfg.precision
     return "onnxruntime", "int8" if cfg.precision == "auto" else cfg.precision
 
 
-def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractConfig) -> tuple[np.ndarray, dict]:
-    """Embeddings of `texts` (input order) and a record of how they were made."""
+def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractConfig,
+                     strategy: str) -> tuple[np.ndarray, dict]:
+    """Embeddings of `texts` (input order) and a record of how they were made (`strategy`: fine_tune.strategy)."""
     device = select_device()
     tokenizer, model = load_encoder(backbone.name, device)
-    runtime, precision = resolve_runtime(cfg, device)
+    runtime, precision = resolve_runtime(cfg, device, strategy)
     forward = onnx_forward(model, tokenizer, precision, torch.get_num_threads()) if runtime == "onnxruntime" else None
     start = time.perf_counter()
     vectors = embed(texts, tokenizer, model, max_length=backbone.max_length, batch_size=cfg.batch_size,
@@ -53,7 +60,8 @@ def main() -> None:
     params = load_params()
     remove_outputs(params.paths.features)
     splits = pd.read_parquet(params.paths.splits)
-    vectors, meta = extract_features(splits["text"].tolist(), params.backbone, params.extract_features)
+    vectors, meta = extract_features(splits["text"].tolist(), params.backbone, params.extract_features,
+                                    params.fine_tune.strategy)
     with atomic_path(params.paths.features) as tmp:
         tmp.mkdir()
         save_file({"embeddings": vectors}, str(tmp / EMBEDDINGS_FILE))

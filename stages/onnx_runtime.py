@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,19 @@ from stages.errors import PipelineError
 
 INPUTS = ("input_ids", "attention_mask")
 CHECK_TOLERANCE = 1e-3  # fp32 export vs torch, max abs difference of hidden states
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's optimizer and quantizer log progress (and "pre-process first") at INFO/WARNING on loggers
+    of their own module names; the pipeline log shows only their errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class _LastHidden(torch.nn.Module):
@@ -53,9 +67,10 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: P
         torch.onnx.export(wrapper, (probe["input_ids"], probe["attention_mask"]), str(raw), input_names=list(INPUTS),
                           output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False, opset_version=17)
     config = model.config
-    optimized = optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
-                               hidden_size=config.hidden_size)
-    optimized.save_model_to_file(str(fused))
+    with _quiet():
+        optimized = optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
+                                   hidden_size=config.hidden_size)
+        optimized.save_model_to_file(str(fused))
     return fused
 
 
@@ -65,14 +80,9 @@ def quantize(fp32: Path, target: Path) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger to "pre-process first"
-    try:
+    with _quiet():
         quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        root.setLevel(level)
     return target
 
 

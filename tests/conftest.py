@@ -54,7 +54,8 @@ def tiny_overrides(root: Path) -> dict:
         "register": {"min_accuracy": 0.5, "min_macro_f1": 0.4},
         "deploy": {"startup_timeout_s": 120},
         "data_efficiency": {"labels_per_class": [4, 8, None], "seeds": [0, 1], "strategy": "linear_probe"},
-        "adapt": {"labels_per_class": 4, "seeds": [0], "steps": 4},
+        "adapt": {"labels_per_class": 4, "seeds": [0], "steps": 4, "unlabeled_fraction": 0.5, "self_training_steps": 4,
+                  "self_training_confidence": 0.0},
     }
 
 
@@ -99,7 +100,7 @@ def tiny_features(tiny_splits: tuple[pd.DataFrame, dict[str, int]]) -> np.ndarra
     from stages.extract_features import extract_features
 
     vectors, _ = extract_features(tiny_splits[0]["text"].tolist(), repo_cfg("backbone", max_length=64),
-                                  repo_cfg("extract_features"))
+                                  repo_cfg("extract_features"), "linear_probe")
     return vectors
 
 

@@ -4,7 +4,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.adapt import PER_DOMAIN_CSV, PLOT_PNG, POINTS_CSV, draw_shots, main, run_adaptation, summarize
+from stages import adapt
+from stages.adapt import (
+    PER_DOMAIN_CSV,
+    PLOT_PNG,
+    POINTS_CSV,
+    draw_target,
+    main,
+    pseudo_label,
+    run_adaptation,
+    summarize,
+)
 from stages.config import Params
 from stages.errors import PipelineError
 from stages.fine_tune import fine_tune
@@ -25,26 +35,52 @@ def trained(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray) 
     return splits, predictions
 
 
-def test_shots_and_scored_rows_never_overlap(tiny_splits: tuple) -> None:
+def test_shots_pool_and_scored_rows_never_overlap(tiny_params: Params, tiny_splits: tuple) -> None:
     domain = tiny_splits[0][tiny_splits[0]["domain"] == "amazon"]
-    shots, rest = draw_shots(domain, 4, 0, "amazon")
-    assert shots["label"].value_counts().to_dict() == {"negative": 4, "positive": 4}
-    assert not set(shots.index) & set(rest.index) and len(shots) + len(rest) == len(domain)
-    assert draw_shots(domain, 4, 0, "amazon")[0].index.equals(shots.index)
+    target = draw_target(domain, tiny_params.adapt, 0, "amazon")
+    assert target.shots["label"].value_counts().to_dict() == {"negative": 4, "positive": 4}
+    parts = [set(target.shots.index), set(target.pool.index), set(target.scored.index)]
+    assert sum(map(len, parts)) == len(domain) and set().union(*parts) == set(domain.index)
+    assert len(target.pool) == round(tiny_params.adapt.unlabeled_fraction * (len(domain) - 8))
+    assert "label_id" not in target.pool and "label" not in target.pool  # the pool's labels are never read
+    assert draw_target(domain, tiny_params.adapt, 0, "amazon").scored.index.equals(target.scored.index)
 
 
-def test_too_few_target_rows_names_the_domain_and_param(tiny_splits: tuple) -> None:
+def test_too_few_target_rows_names_the_domain_and_param(tiny_params: Params, tiny_splits: tuple) -> None:
     domain = tiny_splits[0][tiny_splits[0]["domain"] == "nyt"]
     with pytest.raises(PipelineError, match=r"domain 'nyt' .*adapt\.labels_per_class=500"):
-        draw_shots(domain, 500, 0, "nyt")
+        draw_target(domain, tiny_params.adapt.model_copy(update={"labels_per_class": 500}), 0, "nyt")
 
 
-def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Params, trained: tuple) -> None:
+def test_pseudo_labels_are_confident_and_class_balanced() -> None:
+    proba = np.array([[0.95, 0.05], [0.99, 0.01], [0.6, 0.4], [0.1, 0.9], [0.2, 0.8], [0.97, 0.03]])
+    rows, labels = pseudo_label(proba, 0.85)
+    # class 1 has one confident row (3), so class 0 keeps only its most confident one (1)
+    assert rows.tolist() == [1, 3] and labels.tolist() == [0, 1]
+    assert len(pseudo_label(proba, 0.999)[0]) == 0
+
+
+def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Params, trained: tuple,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     splits, predictions = trained
+    trained_on: list[str] = []
+    real_train_on = adapt.train_on
+
+    def spy(encoder, tokenizer, head, ft, cfg, texts, labels, steps, seed) -> None:
+        trained_on.extend(texts)
+        real_train_on(encoder, tokenizer, head, ft, cfg, texts, labels, steps, seed)
+
+    monkeypatch.setattr(adapt, "train_on", spy)
     points = run_adaptation(tiny_params, splits, predictions)
+    scored = set()
+    for name, domain in splits[splits["split"] == "heldout"].groupby("domain"):
+        scored |= set(adapt.draw_target(domain, tiny_params.adapt, 0, str(name)).scored["text"])
+    assert trained_on and not scored & set(trained_on)  # nothing that is scored was ever trained on
     sizes = splits[splits["split"] == "heldout"].groupby("domain").size()
     assert points["domain"].tolist() == ["amazon", "nyt", "tweets"]
-    assert (points["shots"] == 8).all() and (points["scored_rows"] + 8 == sizes[points["domain"]].to_numpy()).all()
+    assert (points["shots"] == 8).all()
+    assert (points["scored_rows"] + points["unlabeled_rows"] + 8 == sizes[points["domain"]].to_numpy()).all()
+    assert ((points["pseudo_labelled"] > 0) & (points["pseudo_labelled"] <= points["unlabeled_rows"])).all()
     rest_unadapted = points["unadapted_accuracy"]
     assert ((rest_unadapted > 0) & (rest_unadapted < 1)).all()
     assert np.allclose(points["gain"], points["adapted_accuracy"] - points["unadapted_accuracy"])
@@ -52,11 +88,14 @@ def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Para
 
 def test_negative_transfer_stays_visible() -> None:
     points = pd.DataFrame({"domain": ["a", "a", "b"], "seed": [0, 1, 0], "unadapted_accuracy": [0.8, 0.8, 0.6],
-                           "adapted_accuracy": [0.7, 0.76, 0.7], "baseline_accuracy": 0.5, "majority_accuracy": 0.5})
+                           "shots_only_accuracy": [0.75, 0.78, 0.65], "adapted_accuracy": [0.7, 0.76, 0.7],
+                           "baseline_accuracy": 0.5, "majority_accuracy": 0.5})
     points["gain"] = points["adapted_accuracy"] - points["unadapted_accuracy"]
+    points["self_training_gain"] = points["adapted_accuracy"] - points["shots_only_accuracy"]
     per_domain = summarize(points).set_index("domain")
     assert per_domain.loc["a", "negative_transfer"] and not per_domain.loc["b", "negative_transfer"]
     assert per_domain.loc["a", "gain"] == pytest.approx(-0.07)
+    assert per_domain.loc["a", "self_training_negative"] and not per_domain.loc["b", "self_training_negative"]
 
 
 def test_no_heldout_domain_is_a_clear_error(tiny_params: Params, trained: tuple) -> None:

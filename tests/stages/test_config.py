@@ -40,3 +40,9 @@ def test_bad_param_names_the_key(tmp_path: Path, section: str, key: str, value: 
 def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(("key", "value"), [("self_training_steps", 10), ("unlabeled_fraction", 0.5)])
+def test_self_training_needs_both_a_pool_and_steps(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(PipelineError, match="adapt: .*self_training_steps > 0 and unlabeled_fraction > 0"):
+        load_params(_params_with(tmp_path, "adapt", key, value))

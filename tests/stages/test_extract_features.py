@@ -21,8 +21,8 @@ def test_exact_runtimes_match_sentence_transformers(tiny_splits: tuple[pd.DataFr
     sentence_transformers = pytest.importorskip("sentence_transformers")
     texts = tiny_splits[0]["text"].tolist()[:48]
     reference = sentence_transformers.SentenceTransformer(resolve_backbone("default"), device="cpu").encode(texts)
-    ours, meta = extract_features(texts, repo_cfg("backbone", max_length=256),
-                                  repo_cfg("extract_features", batch_size=16, runtime=runtime, precision="fp32"))
+    cfg = repo_cfg("extract_features", batch_size=16, runtime=runtime, precision="fp32")
+    ours, meta = extract_features(texts, repo_cfg("backbone", max_length=256), cfg, "linear_probe")
     assert (meta["runtime"], meta["precision"]) == (runtime, "fp32")
     cosine = (ours * reference).sum(axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() >= 0.9999
@@ -31,26 +31,30 @@ def test_exact_runtimes_match_sentence_transformers(tiny_splits: tuple[pd.DataFr
 def test_int8_onnx_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
     texts = tiny_splits[0]["text"].tolist()[:64]
     backbone = repo_cfg("backbone", max_length=64)
-    int8, meta = extract_features(texts, backbone, repo_cfg("extract_features", runtime="auto", precision="int8"))
-    fp32, _ = extract_features(texts, backbone, repo_cfg("extract_features", runtime="torch", precision="fp32"))
+    int8_cfg = repo_cfg("extract_features", runtime="auto", precision="int8")
+    int8, meta = extract_features(texts, backbone, int8_cfg, "linear_probe")
+    fp32, _ = extract_features(texts, backbone, repo_cfg("extract_features", runtime="torch", precision="fp32"),
+                               "linear_probe")
     assert (meta["runtime"], meta["precision"]) == ("onnxruntime", "int8")
     cosine = (int8 * fp32).sum(axis=1)
     assert cosine.mean() > 0.97 and not np.allclose(cosine, 1.0, atol=1e-4)  # close, and really quantized
 
 
-@pytest.mark.parametrize(("runtime", "precision", "device", "expected"), [
-    ("auto", "auto", "cpu", ("torch", "auto")),
-    ("auto", "auto", "cuda", ("torch", "auto")),
-    ("auto", "fp32", "cpu", ("torch", "fp32")),
-    ("auto", "bf16", "cpu", ("torch", "bf16")),
-    ("auto", "int8", "cuda", ("onnxruntime", "int8")),
-    ("torch", "auto", "cpu", ("torch", "auto")),
-    ("onnxruntime", "auto", "cpu", ("onnxruntime", "int8")),
-    ("onnxruntime", "fp32", "cpu", ("onnxruntime", "fp32")),
+@pytest.mark.parametrize(("runtime", "precision", "device", "strategy", "expected"), [
+    ("auto", "auto", "cpu", "finetune", ("onnxruntime", "int8")),   # features only start LP-FT
+    ("auto", "auto", "cpu", "linear_probe", ("torch", "auto")),      # the served probe reads them: exact
+    ("auto", "auto", "cuda", "finetune", ("torch", "auto")),
+    ("auto", "fp32", "cpu", "finetune", ("torch", "fp32")),
+    ("auto", "bf16", "cpu", "finetune", ("torch", "bf16")),
+    ("auto", "int8", "cuda", "linear_probe", ("onnxruntime", "int8")),
+    ("torch", "auto", "cpu", "finetune", ("torch", "auto")),
+    ("onnxruntime", "auto", "cpu", "linear_probe", ("onnxruntime", "int8")),
+    ("onnxruntime", "fp32", "cpu", "finetune", ("onnxruntime", "fp32")),
 ])
-def test_runtime_resolution(runtime: str, precision: str, device: str, expected: tuple[str, str]) -> None:
+def test_runtime_resolution(runtime: str, precision: str, device: str, strategy: str,
+                            expected: tuple[str, str]) -> None:
     cfg = repo_cfg("extract_features", runtime=runtime, precision=precision)
-    assert resolve_runtime(cfg, torch.device(device)) == expected
+    assert resolve_runtime(cfg, torch.device(device), strategy) == expected
 
 
 @pytest.mark.parametrize(("runtime", "precision"), [("torch", "int8"), ("onnxruntime", "bf16")])
@@ -69,8 +73,8 @@ def test_bucketing_keeps_input_order() -> None:
 
 def test_bf16_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
     texts, backbone = tiny_splits[0]["text"].tolist()[:32], repo_cfg("backbone", max_length=64)
-    bf16, meta = extract_features(texts, backbone, repo_cfg("extract_features", precision="bf16"))
-    fp32, _ = extract_features(texts, backbone, repo_cfg("extract_features", precision="fp32"))
+    bf16, meta = extract_features(texts, backbone, repo_cfg("extract_features", precision="bf16"), "linear_probe")
+    fp32, _ = extract_features(texts, backbone, repo_cfg("extract_features", precision="fp32"), "linear_probe")
     assert (meta["runtime"], meta["precision"]) == ("torch", "bf16")
     assert ((bf16 * fp32).sum(axis=1)).min() > 0.99
 

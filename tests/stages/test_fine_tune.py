@@ -72,7 +72,8 @@ def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_pa
 
     frame = tiny_frame.assign(label=tiny_frame["domain"], domain="all")
     splits, mapping = preprocess(frame, repo_cfg("preprocess", train_domains=None, test_size=0.25, val_size=0.15))
-    features, _ = extract_features(splits["text"].tolist(), tiny_params.backbone, tiny_params.extract_features)
+    features, _ = extract_features(splits["text"].tolist(), tiny_params.backbone, tiny_params.extract_features,
+                                   tiny_params.fine_tune.strategy)
     labels = list(mapping)
     predictions = fine_tune(tiny_params, splits, features, labels, tmp_path / "model")
     proba = predictions[[f"candidate_p{i}" for i in range(4)]].to_numpy()

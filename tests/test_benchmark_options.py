@@ -1,0 +1,34 @@
+"""The option parsing of `benchmarks.accuracy --grid`: what may vary, and clear errors for the rest."""
+
+import pytest
+
+from benchmarks.accuracy import override, parse_grid
+from tests.conftest import REPO_PARAMS
+
+
+def test_grid_values_are_parsed_as_yaml() -> None:
+    assert parse_grid("fine_tune.finetune.learning_rate=5.0e-5,0.0001") == (
+        "fine_tune.finetune.learning_rate", [5.0e-5, 0.0001])
+    assert parse_grid(None) == (None, [None])
+
+
+def test_override_changes_only_that_key() -> None:
+    changed = override(REPO_PARAMS, "fine_tune.finetune.min_steps", 7)
+    assert changed.fine_tune.finetune.min_steps == 7
+    assert changed.model_copy(update={"fine_tune": REPO_PARAMS.fine_tune}) == REPO_PARAMS
+
+
+@pytest.mark.parametrize(("spec_or_key", "value", "message"), [
+    ("fine_tune.finetune.min_steps", -1, "min_steps=-1: Input should be greater than or equal to 0"),
+    ("fine_tune.finetune.no_such_knob", 1, "no key 'fine_tune.finetune.no_such_knob'"),
+    ("fine_tune.strategy", "linear_probe", "use --strategies"),
+    ("backbone.max_length", 64, "only fine_tune"),
+])
+def test_bad_grid_keys_are_named(spec_or_key: str, value: object, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        override(REPO_PARAMS, spec_or_key, value)
+
+
+def test_a_grid_without_values_is_rejected() -> None:
+    with pytest.raises(SystemExit, match="expected KEY=V1,V2"):
+        parse_grid("fine_tune.finetune.min_steps")

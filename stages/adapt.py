@@ -92,8 +92,8 @@ def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int
     rows, labels = pseudo_label(classify(encoder, tokenizer, head, pool_texts, length, batch),
                                 cfg.self_training_confidence)
     if len(rows) == 0:
-        log.warning("adapt: no class has a pool row predicted with adapt.self_training_confidence >= %s for every "
-                    "class; this draw skips self-training (lower the threshold or raise adapt.unlabeled_fraction)",
+        log.warning("adapt: some class has no pool row predicted with confidence >= adapt.self_training_confidence "
+                    "(%s); this draw skips self-training (lower the threshold or raise adapt.unlabeled_fraction)",
                     cfg.self_training_confidence)
         return out | {"adapted": out["shots_only"]}
     train_on(encoder, tokenizer, head, ft, cfg, shot_texts + [pool_texts[i] for i in rows],
@@ -120,13 +120,14 @@ def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFra
             target = draw_target(domain, cfg, seed, str(name))
             y = target.scored["label_id"].to_numpy()
             result = adapted_proba(params, params.paths.model, target, seed)
-            unadapted, adapted = accuracy(candidate[target.scored.index], y), accuracy(result["adapted"], y)
+            unadapted, shots_only, adapted = (accuracy(candidate[target.scored.index], y),
+                                              accuracy(result["shots_only"], y), accuracy(result["adapted"], y))
             points.append({"domain": name, "seed": seed, "shots": len(target.shots),
                            "unlabeled_rows": len(target.pool), "pseudo_labelled": result["pseudo_labelled"],
                            "scored_rows": len(target.scored), "unadapted_accuracy": unadapted,
-                           "shots_only_accuracy": accuracy(result["shots_only"], y), "adapted_accuracy": adapted,
-                           "gain": adapted - unadapted,
-                           "self_training_gain": adapted - accuracy(result["shots_only"], y), "baseline_accuracy": accuracy(baseline[target.scored.index], y),
+                           "shots_only_accuracy": shots_only, "adapted_accuracy": adapted,
+                           "gain": adapted - unadapted, "self_training_gain": adapted - shots_only,
+                           "baseline_accuracy": accuracy(baseline[target.scored.index], y),
                            "majority_accuracy": float(target.scored["label_id"].value_counts(normalize=True).max())})
             log.info("adapt: %s", points[-1])
     return pd.DataFrame(points)

@@ -24,10 +24,8 @@ def resolve_runtime(cfg: ExtractConfig, device: torch.device, strategy: str) -> 
     against the peers) without opening a gap between the evaluated and the served model: on CUDA, torch autocast;
     on CPU, int8 on ONNX Runtime when the features only start fine-tuning (strategy finetune: the served model is
     the fine-tuned torch encoder), exact torch fp32 when the served linear probe reads them (strategy linear_probe)."""
-    if cfg.runtime == "auto" and cfg.precision == "auto":
-        if device.type == "cpu" and strategy == "finetune":
-            return "onnxruntime", "int8"
-        return "torch", "auto"
+    if (cfg.runtime, cfg.precision, device.type, strategy) == ("auto", "auto", "cpu", "finetune"):
+        return "onnxruntime", "int8"
     if cfg.runtime == "torch" or (cfg.runtime == "auto" and cfg.precision != "int8"):
         return "torch", cfg.precision
     return "onnxruntime", "int8" if cfg.precision == "auto" else cfg.precision

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from stages.config import Params, load_params
 from stages.data_efficiency import run_curve, summarize
-from stages.extract_features import load_features
+from stages.io import load_features
 
 TARGETS = {64: 0.76, 512: 0.80}
 

@@ -16,9 +16,8 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
 from stages.config import Params, load_params
-from stages.extract_features import load_features
 from stages.fine_tune import finetune_from_probe, fit_baseline, fit_probe
-from stages.io import atomic_path, log, remove_outputs, run_main, write_json
+from stages.io import atomic_path, load_features, log, remove_outputs, run_main, write_json
 from stages.model import classify, head_from_sklearn
 from stages.plots import plt, save_figure
 from stages.preprocess import take_per_class

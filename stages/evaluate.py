@@ -9,8 +9,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from stages.config import load_params
-from stages.extract_features import load_features
-from stages.io import atomic_path, log, read_json, remove_outputs, run_main, write_json
+from stages.io import atomic_path, load_features, log, read_json, remove_outputs, run_main, write_json
 from stages.plots import write_plots
 
 MODELS = ("candidate", "baseline")
@@ -57,7 +56,7 @@ def compare(group: pd.DataFrame, labels: list[str], bins: int) -> dict:
     y = group["label_id"].to_numpy()
     result = {model: score(y, probabilities(group, model), labels, bins) for model in MODELS}
     gain = {k: result["candidate"][k] - result["baseline"][k] for k in ("accuracy", "macro_f1")}
-    return result | {"rows": int(len(group)), "transfer_gain": gain, "negative_transfer": bool(gain["accuracy"] < 0)}
+    return result | {"rows": len(group), "transfer_gain": gain, "negative_transfer": bool(gain["accuracy"] < 0)}
 
 
 def domain_distance(features: np.ndarray, splits: pd.DataFrame, domain: str) -> float:

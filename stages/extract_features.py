@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from stages.backbone import embed, load_encoder, select_device
 from stages.config import BackboneConfig, ExtractConfig, load_params
-from stages.io import atomic_path, log, remove_outputs, run_main, write_json
+from stages.io import EMBEDDINGS_FILE, META_FILE, atomic_path, log, remove_outputs, run_main, write_json
 from stages.onnx_runtime import onnx_forward
-
-EMBEDDINGS_FILE = "embeddings.safetensors"
-META_FILE = "meta.json"
 
 
 def resolve_runtime(cfg: ExtractConfig, device: torch.device, strategy: str) -> tuple[str, str]:
@@ -48,10 +44,6 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads)", len(texts), meta["dim"],
              seconds, len(texts) / max(seconds, 1e-9), runtime, precision, device, torch.get_num_threads())
     return vectors, meta | {"seconds": seconds}
-
-
-def load_features(folder: Path) -> np.ndarray:
-    return load_file(str(Path(folder) / EMBEDDINGS_FILE))["embeddings"]
 
 
 def main() -> None:

@@ -10,15 +10,13 @@ import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
-
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.backbone import load_encoder, select_device
 from stages.config import BaselineConfig, FinetuneConfig, LinearProbeConfig, Params, load_params
 from stages.errors import PipelineError
-from stages.extract_features import META_FILE, load_features
 from stages.finetune_loop import TrainLog, finetune, seed_everything
-from stages.io import atomic_path, log, read_json, remove_outputs, run_main, write_parquet
+from stages.io import META_FILE, atomic_path, load_features, log, read_json, remove_outputs, run_main, write_parquet
 from stages.model import Head, classify, head_from_sklearn, save_model
 
 
@@ -77,13 +75,16 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
         proba = probe.predict_proba(features)
     else:
         tokenizer, encoder, train_log = finetune_from_probe(params, head, rows(texts, y, train),
-                                                            rows(texts, y, val), cfg.seed)
+                                                            rows(texts, y, val) if val.any() else None, cfg.seed)
         record.update(epochs=train_log.epochs, best_epoch=train_log.best_epoch,
                       train_samples_per_second=round(train_log.samples_per_second, 1))
         info["max_length"] = cfg.finetune.max_length
         proba = np.zeros((len(splits), len(labels)), dtype=np.float32)
-        proba[~train] = classify(encoder, tokenizer, head, rows(texts, y, ~train)[0], cfg.finetune.max_length,
-                                 2 * cfg.finetune.batch_size)
+        if train_log.val_proba is not None:
+            proba[val] = train_log.val_proba
+        rest = ~train & ~val
+        proba[rest] = classify(encoder, tokenizer, head, rows(texts, y, rest)[0], cfg.finetune.max_length,
+                               2 * cfg.finetune.batch_size)
         save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)
     record["seconds"] = round(time.perf_counter() - start, 1)
     return proba, record

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 from stages.backbone import autocast_dtype, autocast_for, mean_pool, usable_length
 from stages.config import FinetuneConfig
 from stages.errors import PipelineError
-from stages.model import Head
+from stages.model import Head, classify
 
 
 @dataclass
@@ -23,6 +23,7 @@ class TrainLog:
     best_epoch: int = 0
     samples_per_second: float = 0.0  # training steps only, validation excluded
     seconds: float = 0.0             # everything, validation included
+    val_proba: np.ndarray | None = None  # the kept epoch's class probabilities for `val`, so no one scores it again
 
 
 def seed_everything(seed: int) -> None:
@@ -78,19 +79,6 @@ def _forward(encoder: PreTrainedModel, head: Head, inputs: dict[str, torch.Tenso
     return head(mean_pool(hidden.float(), inputs["attention_mask"]))
 
 
-def accuracy(encoder: PreTrainedModel, head: Head, batcher: _Batcher, labels: np.ndarray, device: torch.device,
-             batch_size: int) -> float:
-    encoder.eval()
-    correct = 0
-    order = np.argsort(batcher.lengths)
-    with torch.inference_mode(), autocast_for(device, "auto"):
-        for start in range(0, len(order), batch_size * 2):
-            batch = order[start:start + batch_size * 2]
-            predicted = _forward(encoder, head, batcher(batch)).argmax(dim=-1).cpu().numpy()
-            correct += int((predicted == labels[batch]).sum())
-    return correct / max(len(labels), 1)
-
-
 def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, cfg: FinetuneConfig,
              train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray] | None, seed: int) -> TrainLog:
     """Train encoder and head in place; keep the weights of the best validation epoch (early stopping).
@@ -103,12 +91,13 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
     freeze_lowest(encoder, cfg.freeze_layers)
     length = usable_length(cfg.max_length, tokenizer, encoder)
     train_batcher = _Batcher(tokenizer, train[0], length, device)
-    val_batcher = _Batcher(tokenizer, val[0], length, device) if val is not None else None
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
+    # The fused kernel (CPU and CUDA) updates all tensors in one pass: 3.5x faster steps than the default loop on
+    # 2 CPU cores, about 15% of a training step (benchmarks/run.py, fine_tune).
     optimizer = torch.optim.AdamW([
         {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.learning_rate},
         {"params": head.parameters(), "lr": cfg.learning_rate * cfg.head_learning_rate_multiplier},
-    ], weight_decay=cfg.weight_decay)
+    ], weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     total = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     rng = np.random.default_rng(seed)
@@ -136,12 +125,13 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
         train_seconds += time.perf_counter() - epoch_start
         record = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         log.epochs.append(record)
-        if val_batcher is None:
+        if val is None:
             log.best_epoch = epoch
             continue
-        val_acc = record["val_accuracy"] = accuracy(encoder, head, val_batcher, val[1], device, cfg.batch_size)
+        val_proba = classify(encoder, tokenizer, head, val[0], cfg.max_length, 2 * cfg.batch_size)
+        val_acc = record["val_accuracy"] = float(np.mean(val_proba.argmax(axis=1) == np.asarray(val[1])))
         if val_acc > best:
-            best, stale, log.best_epoch = val_acc, 0, epoch
+            best, stale, log.best_epoch, log.val_proba = val_acc, 0, epoch, val_proba
             best_state = (copy.deepcopy(encoder.state_dict()), copy.deepcopy(head.state_dict()))
         else:
             stale += 1

@@ -215,7 +215,7 @@ def data_report(frame: pd.DataFrame, source: Path) -> dict:
     words = frame["text"].str.split().str.len()
     return {
         "source": str(source),
-        "rows": int(len(frame)),
+        "rows": len(frame),
         "classes": int(frame["label"].nunique()),
         "label_counts": {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()},
         "domain_counts": {str(k): int(v) for k, v in frame["domain"].value_counts().sort_index().items()},

@@ -1,4 +1,4 @@
-"""Atomic writes and the stage entry-point wrapper shared by every stage."""
+"""Atomic writes, cached features and the stage entry-point wrapper shared by every stage."""
 
 from __future__ import annotations
 
@@ -13,11 +13,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from safetensors.numpy import load_file
 
 from stages.errors import PipelineError
 
 log = logging.getLogger("stages")
+
+# What extract_features caches in paths.features. Read here, without torch, so the stages that only read the
+# features (evaluate, the studies) start in a second rather than six.
+EMBEDDINGS_FILE = "embeddings.safetensors"
+META_FILE = "meta.json"
 
 # Nothing phones home: no hub downloads by default, no MLflow/Prefect/DVC telemetry. A value the user set wins.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -62,6 +69,10 @@ def read_json(path: Path) -> Any:
 def write_parquet(frame: pd.DataFrame, target: Path) -> None:
     with atomic_path(target) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def load_features(folder: Path) -> np.ndarray:
+    return load_file(str(Path(folder) / EMBEDDINGS_FILE))["embeddings"]
 
 
 def remove_outputs(*paths: Path) -> None:

@@ -9,8 +9,7 @@ from safetensors.numpy import save_file
 from stages.config import Params, load_params
 from stages.data_efficiency import CURVE_CSV, CURVE_PNG, POINTS_CSV, draws, main, run_curve, summarize
 from stages.errors import PipelineError
-from stages.extract_features import EMBEDDINGS_FILE
-from stages.io import read_json
+from stages.io import EMBEDDINGS_FILE, read_json
 from stages.registry import tracking_uri
 from tests.conftest import registry_client
 

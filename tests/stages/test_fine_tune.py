@@ -95,3 +95,19 @@ def test_few_shot_runs_get_at_least_min_steps(rows: int, epochs: int, min_steps:
 
     cfg = repo_cfg("fine_tune").finetune.model_copy(update={"epochs": epochs, "min_steps": min_steps, "batch_size": 32})
     assert training_epochs(cfg, rows) == expected
+
+
+def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny_splits: tuple,
+                                                       tiny_features: np.ndarray, tmp_path: Path) -> None:
+    """Validation rows are scored once, inside the training loop; those scores must be the kept epoch's, i.e. what
+    the saved model predicts for them, and so must the test rows' scores."""
+    ft = tiny_params.fine_tune
+    params = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
+        "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"epochs": 2, "patience": 2})})})
+    predictions = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
+    reloaded = TextClassifier(tmp_path / "model")
+    assert len(read_info(tmp_path / "model")["train"]["epochs"]) == 2
+    for split in ("val", "test"):
+        rows = tiny_splits[0]["split"] == split
+        expected = reloaded.predict_proba(tiny_splits[0].loc[rows, "text"].tolist())
+        assert np.allclose(expected, predictions.loc[rows, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=1e-4)

@@ -1,4 +1,6 @@
-"""Time the whole default pipeline cold, stage by stage, and its peak memory; then a no-op `dvc repro`.
+"""Time the whole default pipeline cold, stage by stage, and its peak memory; then a no-op `dvc repro` and no-op
+runs of the Prefect flow: as `python -m flows.pipeline` (a temporary Prefect server of its own, started and stopped
+by the run) and against a running Prefect server (PREFECT_API_URL, as scheduled runs on workers are).
 
 Runs in a throw-away copy of the project (code, params, the fetched default data) with its own MLflow
 registry, so the project's own outputs, dvc.lock and registry are untouched.
@@ -19,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from flows.stack import prefect_server
 from stages.config import load_params
 
 COPIED = ["stages", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
@@ -57,6 +60,20 @@ def timed_repro(project: Path) -> tuple[float, dict[str, float], str]:
     return total, {name: round(end - t, 1) for (name, t), end in zip(marks, ends)}, "".join(lines)
 
 
+def timed_noop_flow(project: Path, n_stages: int, api: str | None = None) -> tuple[float, bool]:
+    """Wall time of `python -m flows.pipeline` on an up-to-date project, and whether it skipped every stage. Without
+    `api` the run starts its own temporary Prefect server (Prefect home inside the copy)."""
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+                        "PREFECT_HOME": str(project / ".prefect")} | ({"PREFECT_API_URL": api} if api else {})
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"the Prefect flow failed:\n{result.stdout[-4000:]}")
+    return seconds, result.stdout.count("up to date, skipped") == n_stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
@@ -68,14 +85,24 @@ def main() -> None:
         cold, stages, _ = timed_repro(project)
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         noop, _, output = timed_repro(project)
+        timed_noop_flow(project, len(stages))  # the first run also creates the Prefect database: not timed
+        flow, flow_skipped = timed_noop_flow(project, len(stages))
+        with prefect_server(project / ".prefect-server") as api:
+            timed_noop_flow(project, len(stages), api)  # registers the flow with the server: not timed
+            flow_server, flow_server_skipped = timed_noop_flow(project, len(stages), api)
         metrics = json.loads((project / load_params(project / "params.yaml").paths.metrics).read_text())
     result = {"cold_seconds": round(cold, 1), "stage_seconds": stages, "peak_rss_mib_largest_stage": round(peak_mib),
               "noop_seconds": round(noop, 1), "noop_ran_nothing": "Running stage" not in output,
+              "noop_flow_seconds": round(flow, 1), "noop_flow_on_server_seconds": round(flow_server, 1),
+              "noop_flow_ran_nothing": flow_skipped and flow_server_skipped,
               "test": metrics["test"], "domains": metrics["domains"], "cpu_count": os.cpu_count()}
     print(f"cold dvc repro: {result['cold_seconds']} s   peak memory (largest stage): {result['peak_rss_mib_largest_stage']} MiB")
     for name, seconds in stages.items():
         print(f"  {name:<18} {seconds:>7.1f} s")
     print(f"no-op dvc repro: {result['noop_seconds']} s (ran nothing: {result['noop_ran_nothing']})")
+    print(f"no-op Prefect flow: {result['noop_flow_seconds']} s with its own temporary server, "
+          f"{result['noop_flow_on_server_seconds']} s on a running server (skipped every stage: "
+          f"{result['noop_flow_ran_nothing']})")
     print(f"{'group':<10} {'candidate':>9} {'baseline':>9} {'gain':>8}")
     for group, m in {"test": metrics["test"], **metrics["domains"]}.items():
         print(f"{group:<10} {m['candidate_accuracy']:>9.4f} {m['baseline_accuracy']:>9.4f} {m['transfer_gain']:>+8.4f}")

@@ -91,6 +91,7 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0, lt=1.0)
     head_learning_rate_multiplier: float = Field(gt=0.0)
+    layer_decay: float = Field(gt=0.0, le=1.0)
     weight_decay: float = Field(ge=0.0)
     warmup_ratio: float = Field(ge=0.0, lt=1.0)
     freeze_layers: int = Field(ge=0)

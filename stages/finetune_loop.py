@@ -35,16 +35,42 @@ def seed_everything(seed: int) -> None:
 def freeze_lowest(encoder: PreTrainedModel, n_layers: int) -> None:
     if n_layers == 0:
         return
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if layers is None:
-        raise PipelineError(f"fine_tune.finetune.freeze_layers: backbone {type(encoder).__name__} has no BERT-style "
-                            "encoder.layer stack to freeze; use freeze_layers: 0")
+    layers = _bert_layers(encoder, "freeze_layers")
     if n_layers > len(layers):
         raise PipelineError(f"fine_tune.finetune.freeze_layers is {n_layers} but the backbone has "
                             f"{len(layers)} layers; use 0..{len(layers)}")
     for module in [encoder.embeddings, *layers[:n_layers]]:
         for param in module.parameters():
             param.requires_grad_(False)
+
+
+def _bert_layers(encoder: PreTrainedModel, knob: str) -> torch.nn.ModuleList:
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if layers is None or not hasattr(encoder, "embeddings"):
+        raise PipelineError(f"fine_tune.finetune.{knob}: backbone {type(encoder).__name__} has no BERT-style "
+                            "embeddings + encoder.layer stack")
+    return layers
+
+
+def encoder_param_groups(encoder: PreTrainedModel, learning_rate: float, layer_decay: float) -> list[dict]:
+    """Layer-wise learning rates: the top encoder layer (and anything above it) at `learning_rate`, each layer below
+    at `layer_decay` times the one above it, the embeddings lowest. Frozen parameters are left out."""
+    trainable = [(name, p) for name, p in encoder.named_parameters() if p.requires_grad]
+    if layer_decay == 1.0:
+        return [{"params": [p for _, p in trainable], "lr": learning_rate}]
+    n_layers = len(_bert_layers(encoder, "layer_decay"))
+
+    def depth(name: str) -> int:  # how many layers below the top
+        if name.startswith("embeddings."):
+            return n_layers
+        if name.startswith("encoder.layer."):
+            return n_layers - 1 - int(name.split(".")[2])
+        return 0
+
+    by_depth: dict[int, list[torch.nn.Parameter]] = {}
+    for name, param in trainable:
+        by_depth.setdefault(depth(name), []).append(param)
+    return [{"params": params, "lr": learning_rate * layer_decay ** d} for d, params in sorted(by_depth.items())]
 
 
 def sortish_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -92,10 +118,10 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
     length = usable_length(cfg.max_length, tokenizer, encoder)
     train_batcher = _Batcher(tokenizer, train[0], length, device)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
-    # The fused kernel (CPU and CUDA) updates all tensors in one pass: 3.5x faster steps than the default loop on
-    # 2 CPU cores, about 15% of a training step (benchmarks/run.py, fine_tune).
+    # The fused kernel (CPU and CUDA) updates all tensors in one pass; on 2 CPU cores the default per-tensor loop
+    # took 103 ms of a 580 ms training step (batch 32, length 64), the fused one 29 ms.
     optimizer = torch.optim.AdamW([
-        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.learning_rate},
+        *encoder_param_groups(encoder, cfg.learning_rate, cfg.layer_decay),
         {"params": head.parameters(), "lr": cfg.learning_rate * cfg.head_learning_rate_multiplier},
     ], weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     total = steps_per_epoch * cfg.epochs

@@ -67,7 +67,7 @@ def train_on(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
              cfg: AdaptConfig, texts: list[str], labels: np.ndarray, steps: int, seed: int) -> None:
     """`steps` more optimizer steps (rounded up to whole epochs) on (texts, labels), in place."""
     epochs = -(-steps // -(-len(texts) // ft.batch_size))
-    loop = ft.model_copy(update={"epochs": epochs, "min_steps": 0, "freeze_layers": 0,
+    loop = ft.model_copy(update={"epochs": epochs, "min_steps": 0, "freeze_layers": 0, "layer_decay": 1.0,
                                  "learning_rate": cfg.learning_rate, "head_learning_rate_multiplier": 1.0})
     finetune(encoder, tokenizer, head, loop, (texts, labels), None, seed)
 

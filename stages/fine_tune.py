@@ -75,7 +75,7 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
         proba = probe.predict_proba(features)
     else:
         tokenizer, encoder, train_log = finetune_from_probe(params, head, rows(texts, y, train),
-                                                            rows(texts, y, val) if val.any() else None, cfg.seed)
+                                                            rows(texts, y, val), cfg.seed)
         record.update(epochs=train_log.epochs, best_epoch=train_log.best_epoch,
                       train_samples_per_second=round(train_log.samples_per_second, 1))
         info["max_length"] = cfg.finetune.max_length

@@ -53,8 +53,9 @@ def _bert_layers(encoder: PreTrainedModel, knob: str) -> torch.nn.ModuleList:
 
 
 def encoder_param_groups(encoder: PreTrainedModel, learning_rate: float, layer_decay: float) -> list[dict]:
-    """Layer-wise learning rates: the top encoder layer (and anything above it) at `learning_rate`, each layer below
-    at `layer_decay` times the one above it, the embeddings lowest. Frozen parameters are left out."""
+    """Layer-wise learning rates: the top encoder layer (and every parameter outside the embeddings and the layer
+    stack, such as a pooler) at `learning_rate`, each layer below at `layer_decay` times the one above it, the
+    embeddings lowest. Frozen parameters are left out."""
     trainable = [(name, p) for name, p in encoder.named_parameters() if p.requires_grad]
     if layer_decay == 1.0:
         return [{"params": [p for _, p in trainable], "lr": learning_rate}]

@@ -106,7 +106,8 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
         "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"epochs": 2, "patience": 2})})})
     predictions = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
     reloaded = TextClassifier(tmp_path / "model")
-    assert len(read_info(tmp_path / "model")["train"]["epochs"]) == 2
+    train = read_info(tmp_path / "model")["train"]
+    assert len(train["epochs"]) == 2 and train["best_epoch"] == 1  # the restored epoch is not the last one
     for split in ("val", "test"):
         rows = tiny_splits[0]["split"] == split
         expected = reloaded.predict_proba(tiny_splits[0].loc[rows, "text"].tolist())

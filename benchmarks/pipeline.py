@@ -41,9 +41,14 @@ def make_copy(root: Path, target: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=target, check=True)
 
 
+def bench_env(project: Path) -> dict[str, str]:
+    """The copy's own MLflow registry, offline."""
+    return os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+
+
 def timed_repro(project: Path) -> tuple[float, dict[str, float], str]:
     """Wall time of `dvc repro` and of each stage (from when DVC announces it to when the next starts)."""
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    env = bench_env(project)
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -63,8 +68,7 @@ def timed_repro(project: Path) -> tuple[float, dict[str, float], str]:
 def timed_noop_flow(project: Path, n_stages: int, api: str | None = None) -> tuple[float, bool]:
     """Wall time of `python -m flows.pipeline` on an up-to-date project, and whether it skipped every stage. Without
     `api` the run starts its own temporary Prefect server (Prefect home inside the copy)."""
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
-                        "PREFECT_HOME": str(project / ".prefect")} | ({"PREFECT_API_URL": api} if api else {})
+    env = bench_env(project) | {"PREFECT_HOME": str(project / ".prefect")} | ({"PREFECT_API_URL": api} if api else {})
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=project, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)

@@ -22,6 +22,7 @@ from stages.backbone import load_encoder, select_device
 from stages.config import AdaptConfig, FinetuneConfig, Params, load_params
 from stages.errors import PipelineError
 from stages.evaluate import probabilities
+from stages.fine_tune import training_epochs
 from stages.finetune_loop import finetune
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, Head, classify, load_head, read_info
@@ -66,9 +67,9 @@ def pseudo_label(proba: np.ndarray, confidence: float) -> tuple[np.ndarray, np.n
 def train_on(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, ft: FinetuneConfig,
              cfg: AdaptConfig, texts: list[str], labels: np.ndarray, steps: int, seed: int) -> None:
     """`steps` more optimizer steps (rounded up to whole epochs) on (texts, labels), in place."""
-    epochs = -(-steps // -(-len(texts) // ft.batch_size))
-    loop = ft.model_copy(update={"epochs": epochs, "min_steps": 0, "freeze_layers": 0, "layer_decay": 1.0,
+    loop = ft.model_copy(update={"epochs": 1, "min_steps": steps, "freeze_layers": 0, "layer_decay": 1.0,
                                  "learning_rate": cfg.learning_rate, "head_learning_rate_multiplier": 1.0})
+    loop = loop.model_copy(update={"epochs": training_epochs(loop, len(texts))})
     finetune(encoder, tokenizer, head, loop, (texts, labels), None, seed)
 
 

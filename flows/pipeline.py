@@ -87,8 +87,8 @@ def stage_task(spec: StageSpec) -> Task:
 
 
 def dvc(args: list[str], root: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(), capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], check=False, cwd=root, env=stage_env(),
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise StageFailed(f"dvc {' '.join(args)} failed (exit {result.returncode}):\n{result.stderr[-4000:]}",
                           result.returncode)

@@ -79,7 +79,7 @@ def mlflow_server(store: Path, port: int | None = None) -> Iterator[str]:
 
 
 def cli(args: list[str], root: Path, env: dict[str, str], ok_if: str = "") -> str:
-    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     if result.returncode != 0 and not (ok_if and ok_if in output):
         raise RuntimeError(f"{' '.join(args)} exited {result.returncode}:\n{output[-3000:]}")
@@ -105,7 +105,7 @@ def run_worker_once(root: Path, env: dict[str, str], deployment: Deployment, tim
     """A worker in the pool picks up the scheduled run, executes it, and exits."""
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", deployment.pool, "--type", "process",
            "--run-once"]
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
+    result = subprocess.run(cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
     return result.stdout + result.stderr
 
 

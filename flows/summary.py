@@ -32,8 +32,8 @@ def summary_markdown(root: Path, results: list[dict]) -> str:
     lines = ["# Transfer pipeline run", "", f"Stages reproduced: {', '.join(ran) or 'none (all up to date)'}", ""]
     lines += metrics_table(metrics) + [""]
     if registry:
-        lines += [f"**Registry:** `{registry['model_name']}` version {registry['version']} "
-                  f"**{registry['decision']}**; champion is now version {registry.get('champion')}.", ""]
+        lines += [(f"**Registry:** `{registry['model_name']}` version {registry['version']} "
+                   f"**{registry['decision']}**; champion is now version {registry.get('champion')}."), ""]
         lines += [f"- {reason}" for reason in registry.get("reasons", [])] + [""]
     if deployment:
         lines += [f"**Deploy:** {deployment.get('status')} (champion {deployment.get('champion')})"]

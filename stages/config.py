@@ -27,6 +27,7 @@ class Paths(_Section):
     model: Path
     predictions: Path
     metrics: Path
+    training_metrics: Path
     plots: Path
     evaluation: Path
     registry: Path

@@ -38,7 +38,7 @@ def fetch_default(target: Path) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                    "vaderSentiment==3.3.2", "--dest", tmp]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            result = subprocess.run(cmd, check=False, capture_output=True, text=True)
             downloaded = Path(tmp) / SDIST
             if result.returncode != 0 or not downloaded.exists():
                 raise PipelineError(f"could not download {SDIST} with pip:\n{result.stderr.strip()}")

@@ -16,7 +16,17 @@ from stages.backbone import load_encoder, select_device
 from stages.config import BaselineConfig, FinetuneConfig, LinearProbeConfig, Params, load_params
 from stages.errors import PipelineError
 from stages.finetune_loop import TrainLog, finetune, seed_everything
-from stages.io import META_FILE, atomic_path, load_features, log, read_json, remove_outputs, run_main, write_parquet
+from stages.io import (
+    META_FILE,
+    atomic_path,
+    load_features,
+    log,
+    read_json,
+    remove_outputs,
+    run_main,
+    write_json,
+    write_parquet,
+)
 from stages.model import Head, classify, head_from_sklearn, save_model
 
 
@@ -59,7 +69,9 @@ def rows(texts: list[str], y: np.ndarray, mask: np.ndarray) -> tuple[list[str], 
 
 def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
                     folder: Path) -> tuple[np.ndarray, dict]:
-    """Fit and save the candidate into `folder`; return its probabilities for every row and a training record."""
+    """Fit and save the candidate into `folder`; return its probabilities for every row and a training record.
+
+    The model folder gets the record without its timings, so the same weights always hash the same for DVC."""
     cfg = params.fine_tune
     train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
     y, texts = splits["label_id"].to_numpy(), splits["text"].tolist()
@@ -67,6 +79,7 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
     probe = fit_probe(features[train], y[train], cfg.linear_probe, cfg.seed)
     head = head_from_sklearn(probe.coef_, probe.intercept_)
     record: dict = {"probe_val_accuracy": float(probe.score(features[val], y[val]))}
+    timing: dict = {}
     info = {"strategy": cfg.strategy, "labels": labels, "backbone": params.backbone.name,
             "params": params.model_dump(mode="json")}
     if cfg.strategy == "linear_probe":
@@ -76,8 +89,8 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
     else:
         tokenizer, encoder, train_log = finetune_from_probe(params, head, rows(texts, y, train),
                                                             rows(texts, y, val), cfg.seed)
-        record.update(epochs=train_log.epochs, best_epoch=train_log.best_epoch,
-                      train_samples_per_second=round(train_log.samples_per_second, 1))
+        record.update(epochs=train_log.epochs, best_epoch=train_log.best_epoch)
+        timing["train_samples_per_second"] = round(train_log.samples_per_second, 1)
         info["max_length"] = cfg.finetune.max_length
         proba = np.zeros((len(splits), len(labels)), dtype=np.float32)
         if train_log.val_proba is not None:
@@ -86,13 +99,23 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
         proba[rest] = classify(encoder, tokenizer, head, rows(texts, y, rest)[0], cfg.finetune.max_length,
                                2 * cfg.finetune.batch_size)
         save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    return proba, record
+    timing["seconds"] = round(time.perf_counter() - start, 1)
+    return proba, record | timing
+
+
+def training_metrics(record: dict) -> dict[str, float]:
+    """The training record as flat numbers for `dvc metrics show` and MLflow: the kept epoch's figures."""
+    flat = {k: v for k, v in record.items() if isinstance(v, int | float)}
+    if record.get("epochs"):
+        kept = record["epochs"][record["best_epoch"] - 1]
+        flat |= {"epochs_run": len(record["epochs"]), **{k: v for k, v in kept.items() if k != "epoch"}}
+    return flat
 
 
 def fine_tune(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
-              folder: Path) -> pd.DataFrame:
-    """Train candidate and baseline on the same split; return per-row probabilities of both."""
+              folder: Path) -> tuple[pd.DataFrame, dict]:
+    """Train candidate and baseline on the same split; return per-row probabilities of both, and the candidate's
+    training record."""
     train = (splits["split"] == "train").to_numpy()
     y = splits["label_id"].to_numpy()
     baseline = fit_baseline(splits.loc[train, "text"].tolist(), y[train], params.fine_tune.baseline,
@@ -103,12 +126,12 @@ def fine_tune(params: Params, splits: pd.DataFrame, features: np.ndarray, labels
         "split": splits["split"], "domain": splits["domain"], "label_id": y,
         **_probabilities("candidate", candidate_proba),
         **_probabilities("baseline", baseline.predict_proba(splits["text"].tolist())),
-    })
+    }), record
 
 
 def main() -> None:
     params = load_params()
-    remove_outputs(params.paths.model, params.paths.predictions)
+    remove_outputs(params.paths.model, params.paths.predictions, params.paths.training_metrics)
     splits = pd.read_parquet(params.paths.splits)
     labels = read_json(params.paths.label_map)["labels"]
     features = load_features(params.paths.features)
@@ -119,8 +142,9 @@ def main() -> None:
         raise PipelineError(f"{params.paths.features} holds {len(features)} rows but {params.paths.splits} has "
                             f"{len(splits)}; run `dvc repro extract_features` to rebuild the features")
     with atomic_path(params.paths.model) as folder:
-        predictions = fine_tune(params, splits, features, labels, folder)
+        predictions, record = fine_tune(params, splits, features, labels, folder)
     write_parquet(predictions, params.paths.predictions)
+    write_json(training_metrics(record), params.paths.training_metrics)
 
 
 if __name__ == "__main__":

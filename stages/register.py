@@ -88,6 +88,7 @@ def register(params: Params) -> dict:
     with mlflow.start_run(tags={MLFLOW_RUN_NAME: f"{params.fine_tune.strategy}"} | lineage(params)) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params.model_dump(mode="json")).items()})
         mlflow.log_metrics({metric_key(k): float(v) for k, v in flatten("", read_json(paths.metrics)).items()})
+        mlflow.log_metrics({f"train.{k}": float(v) for k, v in read_json(paths.training_metrics).items()})
         for path in (paths.evaluation, paths.data_report, paths.label_map, paths.model / "model.json"):
             mlflow.log_artifact(str(path), artifact_path="reports")
         mlflow.log_artifacts(str(paths.plots), artifact_path="plots")

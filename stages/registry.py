@@ -89,14 +89,14 @@ def decide(candidate: dict[str, float], baseline_accuracy: float, champion_accur
         (candidate["macro_f1"] >= cfg.min_macro_f1,
          f"macro_f1 {candidate['macro_f1']:.4f} vs register.min_macro_f1 {cfg.min_macro_f1}"),
         (candidate["accuracy"] - baseline_accuracy > cfg.min_gain_over_baseline,
-         f"gain over baseline {candidate['accuracy'] - baseline_accuracy:+.4f} must exceed "
-         f"register.min_gain_over_baseline {cfg.min_gain_over_baseline}"),
+         (f"gain over baseline {candidate['accuracy'] - baseline_accuracy:+.4f} must exceed "
+          f"register.min_gain_over_baseline {cfg.min_gain_over_baseline}")),
     ]
     if champion_accuracy is not None:
         checks.append((candidate["accuracy"] - champion_accuracy > cfg.min_gain_over_champion,
-                       f"gain over champion {candidate['accuracy'] - champion_accuracy:+.4f} (champion "
-                       f"{champion_accuracy:.4f} on the same test set) must exceed register.min_gain_over_champion "
-                       f"{cfg.min_gain_over_champion}"))
+                       (f"gain over champion {candidate['accuracy'] - champion_accuracy:+.4f} (champion "
+                        f"{champion_accuracy:.4f} on the same test set) must exceed register.min_gain_over_champion "
+                        f"{cfg.min_gain_over_champion}")))
     else:
         reasons.append("no champion yet")
     for passed, text in checks:

@@ -27,7 +27,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
 
 
 def sh(cmd: list[str], root: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
 
@@ -77,7 +77,7 @@ def test_fresh_clone_plus_dvc_pull_is_up_to_date(pushed_project: tuple[Path, dic
 def test_worker_runs_the_scheduled_deployment_from_git_and_dvc(servers: tuple[str, str],
                                                                  pushed_project: tuple[Path, dict]) -> None:
     api, mlflow_uri = servers
-    root, env = pushed_project
+    root, _ = pushed_project
     deployment = stack.read_deployment(root)
     worker_env = stack.worker_env(root, api, mlflow_uri)
     stack.prepare_pool(root, worker_env, deployment)

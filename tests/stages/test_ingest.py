@@ -88,7 +88,7 @@ def test_stage_fails_cleanly_and_leaves_no_output(tmp_path: Path) -> None:
     stale = root / "data" / "raw" / "dataset.parquet"
     stale.parent.mkdir(parents=True)
     stale.write_text("from an earlier run")
-    result = subprocess.run([sys.executable, "-m", "stages.ingest"], cwd=root, env=project_env(root),
+    result = subprocess.run([sys.executable, "-m", "stages.ingest"], check=False, cwd=root, env=project_env(root),
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "single class" in result.stderr and "Traceback" not in result.stderr

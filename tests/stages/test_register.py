@@ -62,4 +62,6 @@ def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     assert len(version.tags["git_commit"]) >= 40 and version.tags["dvc.raw"] and version.tags["dvc.features"]
     run_data = client.get_run(third["run_id"]).data
     assert run_data.metrics["test.candidate_accuracy"] == pytest.approx(third["candidate_accuracy"], abs=1e-4)
+    training = read_json(root / "metrics/training.json")
+    assert run_data.metrics["train.probe_val_accuracy"] == pytest.approx(training["probe_val_accuracy"])
     assert run_data.params["fine_tune.strategy"] == "linear_probe"

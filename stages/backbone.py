@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -79,30 +78,6 @@ def length_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
         yield order[start:start + batch_size].tolist()
 
 
-def batch_workers(device: torch.device) -> int:
-    """Batches run at once: on CPU one per intra-op thread, each batch single-threaded (on 2 cores about 10% more
-    texts/s than each batch on both cores, whose small matrix products split poorly); on a GPU one at a time."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
-
-
-def for_each_batch(work: Callable[[list[int]], None], batches: Iterable[list[int]], device: torch.device) -> None:
-    """`work(batch)` for every batch, `batch_workers(device)` at a time. Autocast and inference mode are per
-    thread: `work` enters them itself."""
-    workers = batch_workers(device)
-    if workers == 1:
-        for batch in batches:
-            work(batch)
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(work, batches):  # re-raises the first error of any batch
-                pass
-    finally:
-        torch.set_num_threads(threads)
-
-
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
@@ -119,16 +94,13 @@ def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTraine
     encoded = tokenizer(texts, truncation=True, max_length=usable_length(max_length, tokenizer, model))
     ids, masks = encoded["input_ids"], encoded["attention_mask"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-
-    def work(batch: list[int]) -> None:
-        padded = tokenizer.pad({"input_ids": [ids[i] for i in batch], "attention_mask": [masks[i] for i in batch]},
-                               return_tensors="pt")
-        padded = {k: v.to(device, non_blocking=True) for k, v in padded.items()}
-        with torch.inference_mode(), autocast_for(device, precision):
+    with torch.inference_mode(), autocast_for(device, precision):
+        for batch in length_batches([len(x) for x in ids], batch_size):
+            padded = tokenizer.pad({"input_ids": [ids[i] for i in batch], "attention_mask": [masks[i] for i in batch]},
+                                   return_tensors="pt")
+            padded = {k: v.to(device, non_blocking=True) for k, v in padded.items()}
             pooled = mean_pool(run(padded).float(), padded["attention_mask"])
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
             out[batch] = pooled.cpu().numpy()
-
-    for_each_batch(work, length_batches([len(x) for x in ids], batch_size), device)
     return out

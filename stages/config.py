@@ -28,6 +28,7 @@ class Paths(_Section):
     predictions: Path
     metrics: Path
     training_metrics: Path
+    training_speed: Path
     plots: Path
     evaluation: Path
     registry: Path

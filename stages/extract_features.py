@@ -33,8 +33,7 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     device = select_device()
     tokenizer, model = load_encoder(backbone.name, device)
     runtime, precision = resolve_runtime(cfg, device, strategy)
-    # One ONNX Runtime thread per call: embed runs one batch per core at a time (stages.backbone.batch_workers).
-    forward = onnx_forward(model, tokenizer, precision, threads=1) if runtime == "onnxruntime" else None
+    forward = onnx_forward(model, tokenizer, precision, torch.get_num_threads()) if runtime == "onnxruntime" else None
     start = time.perf_counter()
     vectors = embed(texts, tokenizer, model, max_length=backbone.max_length, batch_size=cfg.batch_size,
                     precision=precision if runtime == "torch" else "fp32", forward=forward)

@@ -68,10 +68,9 @@ def rows(texts: list[str], y: np.ndarray, mask: np.ndarray) -> tuple[list[str], 
 
 
 def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
-                    folder: Path) -> tuple[np.ndarray, dict]:
-    """Fit and save the candidate into `folder`; return its probabilities for every row and a training record.
-
-    The model folder gets the record without its timings, so the same weights always hash the same for DVC."""
+                    folder: Path) -> tuple[np.ndarray, dict, dict]:
+    """Fit and save the candidate into `folder`; return its probabilities for every row, a training record and
+    its timings. The timings stay out of the model folder, so the same weights always hash the same for DVC."""
     cfg = params.fine_tune
     train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
     y, texts = splits["label_id"].to_numpy(), splits["text"].tolist()
@@ -100,7 +99,7 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
                                2 * cfg.finetune.batch_size)
         save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)
     timing["seconds"] = round(time.perf_counter() - start, 1)
-    return proba, record | timing
+    return proba, record, timing
 
 
 def training_metrics(record: dict) -> dict[str, float]:
@@ -113,38 +112,40 @@ def training_metrics(record: dict) -> dict[str, float]:
 
 
 def fine_tune(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
-              folder: Path) -> tuple[pd.DataFrame, dict]:
+              folder: Path) -> tuple[pd.DataFrame, dict, dict]:
     """Train candidate and baseline on the same split; return per-row probabilities of both, and the candidate's
-    training record."""
+    training record and timings."""
     train = (splits["split"] == "train").to_numpy()
     y = splits["label_id"].to_numpy()
     baseline = fit_baseline(splits.loc[train, "text"].tolist(), y[train], params.fine_tune.baseline,
                             params.fine_tune.seed)
-    candidate_proba, record = train_candidate(params, splits, features, labels, folder)
-    log.info("fine_tune: %s %s", params.fine_tune.strategy, record)
+    candidate_proba, record, timing = train_candidate(params, splits, features, labels, folder)
+    log.info("fine_tune: %s %s %s", params.fine_tune.strategy, record, timing)
     return pd.DataFrame({
         "split": splits["split"], "domain": splits["domain"], "label_id": y,
         **_probabilities("candidate", candidate_proba),
         **_probabilities("baseline", baseline.predict_proba(splits["text"].tolist())),
-    }), record
+    }), record, timing
 
 
 def main() -> None:
     params = load_params()
-    remove_outputs(params.paths.model, params.paths.predictions, params.paths.training_metrics)
-    splits = pd.read_parquet(params.paths.splits)
-    labels = read_json(params.paths.label_map)["labels"]
-    features = load_features(params.paths.features)
-    if params.fine_tune.strategy == "linear_probe" and read_json(params.paths.features / META_FILE)["precision"] == "int8":
+    paths = params.paths
+    remove_outputs(paths.model, paths.predictions, paths.training_metrics, paths.training_speed)
+    splits = pd.read_parquet(paths.splits)
+    labels = read_json(paths.label_map)["labels"]
+    features = load_features(paths.features)
+    if params.fine_tune.strategy == "linear_probe" and read_json(paths.features / META_FILE)["precision"] == "int8":
         log.warning("fine_tune: the linear probe is fit and scored on int8 features, but the served model embeds in "
                     "torch fp32: expect small differences (about 0.1 point of accuracy on the default data)")
     if len(features) != len(splits):
-        raise PipelineError(f"{params.paths.features} holds {len(features)} rows but {params.paths.splits} has "
+        raise PipelineError(f"{paths.features} holds {len(features)} rows but {paths.splits} has "
                             f"{len(splits)}; run `dvc repro extract_features` to rebuild the features")
-    with atomic_path(params.paths.model) as folder:
-        predictions, record = fine_tune(params, splits, features, labels, folder)
-    write_parquet(predictions, params.paths.predictions)
-    write_json(training_metrics(record), params.paths.training_metrics)
+    with atomic_path(paths.model) as folder:
+        predictions, record, timing = fine_tune(params, splits, features, labels, folder)
+    write_parquet(predictions, paths.predictions)
+    write_json(training_metrics(record), paths.training_metrics)
+    write_json(timing, paths.training_speed)
 
 
 if __name__ == "__main__":

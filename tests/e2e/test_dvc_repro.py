@@ -32,7 +32,7 @@ def test_metrics_and_plots_show(pipeline_project: Path) -> None:
     shown = json.loads(run([*DVC, "metrics", "show", "--json"], pipeline_project).stdout)
     flat = json.dumps(shown)
     assert "candidate_accuracy" in flat and "transfer_gain" in flat
-    assert "train_samples_per_second" in flat and "probe_val_accuracy" in flat  # fine_tune's metrics/training.json
+    assert "probe_val_accuracy" in flat and "metrics/training_speed.json" in flat  # fine_tune's metrics
     shown_plots = json.loads(run([*DVC, "plots", "show", "--json"], pipeline_project).stdout)
     assert "errors" not in shown_plots, shown_plots
     plots = shown_plots["data"]

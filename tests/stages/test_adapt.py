@@ -29,7 +29,7 @@ LABELS = ["negative", "positive"]
 def trained(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The tiny project after fine_tune: splits, a saved candidate (linear probe) and its predictions."""
     splits = tiny_splits[0]
-    predictions, _ = fine_tune(tiny_params, splits, tiny_features, LABELS, tiny_params.paths.model)
+    predictions, _, _ = fine_tune(tiny_params, splits, tiny_features, LABELS, tiny_params.paths.model)
     write_parquet(splits, tiny_params.paths.splits)
     write_parquet(predictions, tiny_params.paths.predictions)
     return splits, predictions

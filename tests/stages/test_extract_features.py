@@ -1,12 +1,10 @@
-import threading
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
 
-from stages.backbone import embed, for_each_batch, load_encoder, resolve_backbone, select_device
+from stages.backbone import embed, load_encoder, resolve_backbone, select_device
 from stages.config import ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
@@ -71,48 +69,6 @@ def test_bucketing_keeps_input_order() -> None:
     together = embed(texts, tokenizer, model, max_length=64, batch_size=2)
     one_by_one = np.vstack([embed([t], tokenizer, model, max_length=64, batch_size=1) for t in texts])
     assert np.allclose(together, one_by_one, atol=1e-5)
-
-
-@pytest.fixture
-def two_threads() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_batches_on_parallel_cpu_workers_match_one_at_a_time(tiny_splits: tuple[pd.DataFrame, dict],
-                                                             two_threads: None) -> None:
-    """On CPU, embed runs one single-threaded batch per core at once; the vectors (input order) must not change."""
-    texts = tiny_splits[0]["text"].tolist()[:40]
-    tokenizer, model = load_encoder("default", torch.device("cpu"))
-    parallel = embed(texts, tokenizer, model, max_length=64, batch_size=4)
-    assert torch.get_num_threads() == 2  # restored after the workers ran single-threaded
-    torch.set_num_threads(1)  # one worker: the plain loop
-    serial = embed(texts, tokenizer, model, max_length=64, batch_size=4)
-    assert np.allclose(parallel, serial, atol=1e-5)
-
-
-def test_cpu_batches_run_concurrently_each_single_threaded(two_threads: None) -> None:
-    both_running = threading.Barrier(2, timeout=10)  # breaks (and fails the test) unless two batches overlap
-    seen: list[int] = []
-
-    def work(batch: list[int]) -> None:
-        seen.append(torch.get_num_threads())
-        both_running.wait()
-
-    for_each_batch(work, [[0], [1]], torch.device("cpu"))
-    assert seen == [1, 1]
-
-
-def test_an_error_in_any_batch_reaches_the_caller(two_threads: None) -> None:
-    def work(batch: list[int]) -> None:
-        if batch == [3]:
-            raise ValueError("batch 3 failed")
-
-    with pytest.raises(ValueError, match="batch 3 failed"):
-        for_each_batch(work, [[i] for i in range(6)], torch.device("cpu"))
-    assert torch.get_num_threads() == 2
 
 
 def test_bf16_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> None:

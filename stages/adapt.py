@@ -22,13 +22,13 @@ from stages.backbone import load_encoder, select_device
 from stages.config import AdaptConfig, FinetuneConfig, Params, load_params
 from stages.errors import PipelineError
 from stages.evaluate import probabilities
-from stages.fine_tune import training_epochs
-from stages.finetune_loop import finetune
+from stages.finetune_loop import finetune, training_epochs
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, Head, classify, load_head, read_info
 from stages.plots import plt, save_figure
 from stages.preprocess import HELDOUT, take_per_class
 from stages.registry import study_run
+from stages.self_training import self_train
 
 POINTS_CSV, PER_DOMAIN_CSV, PLOT_PNG = "points.csv", "per_domain.csv", "adaptation.png"
 METRICS = ("unadapted_accuracy", "shots_only_accuracy", "adapted_accuracy", "gain", "self_training_gain",
@@ -54,23 +54,17 @@ def draw_target(domain: pd.DataFrame, cfg: AdaptConfig, seed: int, name: str) ->
     return TargetRows(shots, pool.drop(columns=["label", "label_id"]), rest.drop(pool.index))
 
 
-def pseudo_label(proba: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """(row positions, labels) of the confident predictions, the same number per class (the least-populated class's
-    count, most confident first), so self-training does not drift towards the class the model already favours."""
-    predicted, top = proba.argmax(axis=1), proba.max(axis=1)
-    per_class = [np.flatnonzero((predicted == k) & (top >= confidence)) for k in range(proba.shape[1])]
-    keep = min(len(rows) for rows in per_class)
-    chosen = np.concatenate([rows[np.argsort(-top[rows], kind="stable")[:keep]] for rows in per_class])
-    return chosen, predicted[chosen]
-
-
-def train_on(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, ft: FinetuneConfig,
-             cfg: AdaptConfig, texts: list[str], labels: np.ndarray, steps: int, seed: int) -> None:
-    """`steps` more optimizer steps (rounded up to whole epochs) on (texts, labels), in place."""
-    loop = ft.model_copy(update={"epochs": 1, "min_steps": steps, "freeze_layers": 0, "layer_decay": 1.0,
+def adapt_loop(ft: FinetuneConfig, cfg: AdaptConfig, steps: int) -> FinetuneConfig:
+    """fine_tune's loop with adapt's learning rate for encoder and head alike, for at least `steps` steps."""
+    return ft.model_copy(update={"epochs": 1, "min_steps": steps, "freeze_layers": 0, "layer_decay": 1.0,
                                  "learning_rate": cfg.learning_rate, "head_learning_rate_multiplier": 1.0})
-    loop = loop.model_copy(update={"epochs": training_epochs(loop, len(texts))})
-    finetune(encoder, tokenizer, head, loop, (texts, labels), None, seed)
+
+
+def train_on(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, loop: FinetuneConfig,
+             texts: list[str], labels: np.ndarray, seed: int) -> None:
+    """`loop.min_steps` more optimizer steps (rounded up to whole epochs) on (texts, labels), in place."""
+    finetune(encoder, tokenizer, head, loop.model_copy(update={"epochs": training_epochs(loop, len(texts))}),
+             (texts, labels), None, seed)
 
 
 def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int) -> dict[str, np.ndarray | int]:
@@ -82,25 +76,19 @@ def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int
     tokenizer, encoder = load_encoder(encoder_name, select_device())
     head = load_head(model_dir)
     length, batch = int(info["max_length"]), 2 * ft.batch_size
-    shot_texts, shot_labels = target.shots["text"].tolist(), target.shots["label_id"].to_numpy()
+    shots = target.shots["text"].tolist(), target.shots["label_id"].to_numpy()
     scored_texts = target.scored["text"].tolist()
-    train_on(encoder, tokenizer, head, ft, cfg, shot_texts, shot_labels, cfg.steps, seed)
+    train_on(encoder, tokenizer, head, adapt_loop(ft, cfg, cfg.steps), *shots, seed)
     out: dict[str, np.ndarray | int] = {"shots_only": classify(encoder, tokenizer, head, scored_texts, length, batch),
                                         "pseudo_labelled": 0}
     if cfg.self_training_steps == 0 or target.pool.empty:
         return out | {"adapted": out["shots_only"]}
-    pool_texts = target.pool["text"].tolist()
-    rows, labels = pseudo_label(classify(encoder, tokenizer, head, pool_texts, length, batch),
-                                cfg.self_training_confidence)
-    if len(rows) == 0:
-        log.warning("adapt: some class has no pool row predicted with confidence >= adapt.self_training_confidence "
-                    "(%s); this draw skips self-training (lower the threshold or raise adapt.unlabeled_fraction)",
-                    cfg.self_training_confidence)
+    _, kept = self_train(encoder, tokenizer, head, adapt_loop(ft, cfg, cfg.self_training_steps), shots,
+                         target.pool["text"].tolist(), cfg.self_training_confidence, None, seed, pool_length=length,
+                         knobs="adapt.self_training_confidence, adapt.unlabeled_fraction")
+    if kept == 0:
         return out | {"adapted": out["shots_only"]}
-    train_on(encoder, tokenizer, head, ft, cfg, shot_texts + [pool_texts[i] for i in rows],
-             np.concatenate([shot_labels, labels]), cfg.self_training_steps, seed)
-    return out | {"adapted": classify(encoder, tokenizer, head, scored_texts, length, batch),
-                  "pseudo_labelled": len(rows)}
+    return out | {"adapted": classify(encoder, tokenizer, head, scored_texts, length, batch), "pseudo_labelled": kept}
 
 
 def accuracy(proba: np.ndarray, y: np.ndarray) -> float:

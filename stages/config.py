@@ -45,6 +45,7 @@ class DataConfig(_Section):
     text_column: str
     label_column: str
     domain_column: str | None
+    empty_labels: Literal["error", "unlabeled"]
     vader_neutral_band: float = Field(ge=0.0, le=4.0)
 
 
@@ -54,12 +55,16 @@ class PreprocessConfig(_Section):
     test_size: float = Field(gt=0.0, lt=1.0)
     val_size: float = Field(gt=0.0, lt=1.0)
     n_per_class: int | None = Field(ge=1)
+    keep_unlabeled: bool
     min_chars: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _splits_leave_training_rows(self) -> PreprocessConfig:
         if self.test_size + self.val_size >= 0.9:
             raise ValueError("test_size + val_size must be below 0.9 to leave rows for training")
+        if self.keep_unlabeled and self.n_per_class is None:
+            raise ValueError("preprocess.keep_unlabeled keeps the training rows that preprocess.n_per_class leaves "
+                             "out; set preprocess.n_per_class too")
         return self
 
 
@@ -101,6 +106,11 @@ class FinetuneConfig(_Section):
     patience: int = Field(ge=1)
 
 
+class SelfTrainingConfig(_Section):
+    epochs: int = Field(ge=0, le=100)
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
 class BaselineConfig(_Section):
     max_features: int = Field(ge=10)
     ngram_max: int = Field(ge=1, le=5)
@@ -112,7 +122,14 @@ class FineTuneConfig(_Section):
     seed: int
     linear_probe: LinearProbeConfig
     finetune: FinetuneConfig
+    self_training: SelfTrainingConfig
     baseline: BaselineConfig
+
+    @model_validator(mode="after")
+    def _self_training_follows_finetune(self) -> FineTuneConfig:
+        if self.self_training.epochs > 0 and self.strategy != "finetune":
+            raise ValueError("fine_tune.self_training.epochs > 0 continues LP-FT: it needs fine_tune.strategy: finetune")
+        return self
 
 
 class EvaluateConfig(_Section):

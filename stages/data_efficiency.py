@@ -16,11 +16,11 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
 from stages.config import Params, load_params
-from stages.fine_tune import finetune_from_probe, fit_baseline, fit_probe
+from stages.fine_tune import finetune_from_probe, fit_baseline, fit_probe, self_train_candidate
 from stages.io import atomic_path, load_features, log, remove_outputs, run_main, write_json
 from stages.model import classify, head_from_sklearn
 from stages.plots import plt, save_figure
-from stages.preprocess import take_per_class
+from stages.preprocess import UNLABELED, take_per_class
 from stages.registry import study_run
 
 POINTS_CSV, CURVE_CSV, CURVE_PNG = "points.csv", "curve.csv", "curve.png"
@@ -36,23 +36,27 @@ def draws(train: pd.DataFrame, budget: int | None, seeds: list[int]) -> list[tup
 
 
 def transfer_proba(params: Params, strategy: str, rows: pd.DataFrame, test: pd.DataFrame, features: np.ndarray,
-                   seed: int) -> np.ndarray:
-    """Test-split probabilities of the transferred model trained on `rows` only (no validation labels)."""
+                   seed: int, pool: list[str]) -> np.ndarray:
+    """Test-split probabilities of the transferred model trained on `rows` only (no validation labels); with
+    fine_tune.self_training, LP-FT then self-trains on `pool`, the training rows the draw left out (text only)."""
     y = rows["label_id"].to_numpy()
     probe = fit_probe(features[rows.index], y, params.fine_tune.linear_probe, seed)
     if strategy == "linear_probe":
         return probe.predict_proba(features[test.index])
     head = head_from_sklearn(probe.coef_, probe.intercept_)
-    tokenizer, encoder, _ = finetune_from_probe(params, head, (rows["text"].tolist(), y), None, seed)
+    labelled = rows["text"].tolist(), y
+    tokenizer, encoder, _ = finetune_from_probe(params, head, labelled, None, seed)
+    if params.fine_tune.self_training.epochs and pool:
+        self_train_candidate(params, encoder, tokenizer, head, labelled, pool, None, seed)
     ft = params.fine_tune.finetune
     return classify(encoder, tokenizer, head, test["text"].tolist(), ft.max_length, 2 * ft.batch_size)
 
 
 def point(params: Params, strategy: str, rows: pd.DataFrame, test: pd.DataFrame, features: np.ndarray,
-          seed: int) -> dict[str, float]:
+          seed: int, pool: list[str]) -> dict[str, float]:
     y = test["label_id"].to_numpy()
     baseline = fit_baseline(rows["text"].tolist(), rows["label_id"].to_numpy(), params.fine_tune.baseline, seed)
-    predicted = {"transfer": transfer_proba(params, strategy, rows, test, features, seed).argmax(axis=1),
+    predicted = {"transfer": transfer_proba(params, strategy, rows, test, features, seed, pool).argmax(axis=1),
                  "baseline": baseline.predict(test["text"].tolist())}
     out: dict[str, float] = {}
     for model, guess in predicted.items():
@@ -66,12 +70,14 @@ def run_curve(params: Params, splits: pd.DataFrame, features: np.ndarray, scored
     hyperparameters on "val", so the test split is never looked at while choosing)."""
     cfg = params.data_efficiency
     train, test = splits[splits["split"] == "train"], splits[splits["split"] == scored_split]
+    unlabeled = splits.loc[splits["split"] == UNLABELED, "text"].tolist()  # self-training pools these too
     largest = int(train["label"].value_counts().max())
     budgets = sorted({largest if b is None else min(b, largest) for b in cfg.labels_per_class})
     points = []
     for budget in budgets:
         for seed, rows in draws(train, budget, cfg.seeds):
-            scores = point(params, cfg.strategy, rows, test, features, seed)
+            pool = train.drop(rows.index)["text"].tolist() + unlabeled
+            scores = point(params, cfg.strategy, rows, test, features, seed, pool)
             # `labels_per_class` is the budget: at most that many rows of each class (a smaller class gives all).
             points.append({"labels_per_class": budget, "seed": seed, "train_rows": len(rows), **scores})
             log.info("data_efficiency: %s", points[-1])
@@ -116,7 +122,8 @@ def log_curve(params: Params, curve: pd.DataFrame, folder: Path) -> str:
     with study_run(params.register.experiment, "data_efficiency", f"data-efficiency ({cfg.strategy})",
                    lineage) as run:
         mlflow.log_params({"strategy": cfg.strategy, "labels_per_class": str(cfg.labels_per_class),
-                           "seeds": str(cfg.seeds), "backbone": params.backbone.name})
+                           "seeds": str(cfg.seeds), "backbone": params.backbone.name,
+                           "self_training_epochs": params.fine_tune.self_training.epochs})
         for row in curve.itertuples():
             mlflow.log_metrics({"transfer_accuracy": row.transfer_accuracy, "baseline_accuracy": row.baseline_accuracy,
                                 "gain": row.gain}, step=int(row.labels_per_class))

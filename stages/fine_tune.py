@@ -13,9 +13,9 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.backbone import load_encoder, select_device
-from stages.config import BaselineConfig, FinetuneConfig, LinearProbeConfig, Params, load_params
+from stages.config import BaselineConfig, LinearProbeConfig, Params, load_params
 from stages.errors import PipelineError
-from stages.finetune_loop import TrainLog, finetune, seed_everything
+from stages.finetune_loop import TrainLog, finetune, seed_everything, training_epochs
 from stages.io import (
     META_FILE,
     atomic_path,
@@ -28,6 +28,8 @@ from stages.io import (
     write_parquet,
 )
 from stages.model import Head, classify, head_from_sklearn, save_model
+from stages.preprocess import UNLABELED
+from stages.self_training import self_train
 
 
 def fit_baseline(texts: list[str], labels: np.ndarray, cfg: BaselineConfig, seed: int) -> Pipeline:
@@ -46,12 +48,6 @@ def _probabilities(prefix: str, proba: np.ndarray) -> dict[str, np.ndarray]:
     return {f"{prefix}_p{k}": proba[:, k] for k in range(proba.shape[1])}
 
 
-def training_epochs(cfg: FinetuneConfig, n_rows: int) -> int:
-    """`cfg.epochs`, or more if that is fewer than `cfg.min_steps` optimizer steps (few-shot data)."""
-    steps_per_epoch = -(-n_rows // cfg.batch_size)
-    return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
-
-
 def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.ndarray],
                         val: tuple[list[str], np.ndarray] | None, seed: int,
                         ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, TrainLog]:
@@ -61,6 +57,16 @@ def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.n
     seed_everything(seed)
     tokenizer, encoder = load_encoder(params.backbone.name, select_device())
     return tokenizer, encoder, finetune(encoder, tokenizer, head, cfg, train, val, seed)
+
+
+def self_train_candidate(params: Params, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head,
+                         train: tuple[list[str], np.ndarray], pool: list[str],
+                         val: tuple[list[str], np.ndarray] | None, seed: int) -> tuple[TrainLog | None, int]:
+    """fine_tune.self_training after LP-FT: train on labels + confident pseudo-labels of `pool`, in place."""
+    cfg = params.fine_tune
+    loop = cfg.finetune.model_copy(update={"epochs": cfg.self_training.epochs})
+    return self_train(encoder, tokenizer, head, loop, train, pool, cfg.self_training.confidence, val, seed,
+                      pool_length=loop.max_length, knobs="fine_tune.self_training.confidence, the unlabelled rows")
 
 
 def rows(texts: list[str], y: np.ndarray, mask: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -73,6 +79,7 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
     its timings. The timings stay out of the model folder, so the same weights always hash the same for DVC."""
     cfg = params.fine_tune
     train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
+    pool = (splits["split"] == UNLABELED).to_numpy()
     y, texts = splits["label_id"].to_numpy(), splits["text"].tolist()
     start = time.perf_counter()
     probe = fit_probe(features[train], y[train], cfg.linear_probe, cfg.seed)
@@ -88,13 +95,23 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
     else:
         tokenizer, encoder, train_log = finetune_from_probe(params, head, rows(texts, y, train),
                                                             rows(texts, y, val), cfg.seed)
+        if cfg.self_training.epochs and not pool.any():
+            log.warning("fine_tune: fine_tune.self_training.epochs is %d but no row is unlabeled: give the source "
+                        "rows with empty labels and set data.empty_labels: unlabeled, or set preprocess.n_per_class "
+                        "and preprocess.keep_unlabeled: true", cfg.self_training.epochs)
+        elif cfg.self_training.epochs:
+            record["lpft_val_accuracy"] = train_log.epochs[train_log.best_epoch - 1]["val_accuracy"]
+            self_log, record["pseudo_labelled"] = self_train_candidate(
+                params, encoder, tokenizer, head, rows(texts, y, train), rows(texts, y, pool)[0], rows(texts, y, val),
+                cfg.seed)
+            train_log = self_log or train_log
         record.update(epochs=train_log.epochs, best_epoch=train_log.best_epoch)
         timing["train_samples_per_second"] = round(train_log.samples_per_second, 1)
         info["max_length"] = cfg.finetune.max_length
         proba = np.zeros((len(splits), len(labels)), dtype=np.float32)
         if train_log.val_proba is not None:
             proba[val] = train_log.val_proba
-        rest = ~train & ~val
+        rest = ~train & ~val & ~pool
         proba[rest] = classify(encoder, tokenizer, head, rows(texts, y, rest)[0], cfg.finetune.max_length,
                                2 * cfg.finetune.batch_size)
         save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)

@@ -106,6 +106,12 @@ def _forward(encoder: PreTrainedModel, head: Head, inputs: dict[str, torch.Tenso
     return head(mean_pool(hidden.float(), inputs["attention_mask"]))
 
 
+def training_epochs(cfg: FinetuneConfig, n_rows: int) -> int:
+    """`cfg.epochs`, or more if that is fewer than `cfg.min_steps` optimizer steps (few-shot data)."""
+    steps_per_epoch = -(-n_rows // cfg.batch_size)
+    return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+
+
 def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, cfg: FinetuneConfig,
              train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray] | None, seed: int) -> TrainLog:
     """Train encoder and head in place; keep the weights of the best validation epoch (early stopping).

@@ -188,23 +188,33 @@ def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str 
     }).reset_index(drop=True)
     for column, key in (("text", "data.text_column"), ("label", "data.label_column")):
         missing = out[column].isna() | (out[column].astype(str).str.strip() == "")
+        if column == "label" and cfg.empty_labels == "unlabeled":
+            out.loc[missing, "label"] = None  # unlabelled text: preprocess sets it apart for self-training
+            continue
         if missing.any():
             where = "line(s)" if fmt in {"csv", "tsv", "jsonl"} else "row(s) (0-based)"
+            keep = " (or set data.empty_labels: unlabeled to keep them as unlabelled text)" if column == "label" else ""
             raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in {where} "
-                                f"{_bad_rows(missing, ROW_OFFSET[fmt])}; fill or drop those rows")
+                                f"{_bad_rows(missing, ROW_OFFSET[fmt])}; fill or drop those rows{keep}")
     out["domain"] = out["domain"].fillna("unknown").astype(str)
     return out
+
+
+def _label_text(value: object) -> str | None:
+    if pd.api.types.is_scalar(value) and pd.isna(value):  # None, NaN, pd.NA (nullable Parquet columns)
+        return None
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
 
 
 def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     out["text"] = out["text"].astype(str).map(normalise_text)
-    out["label"] = out["label"].map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip())
+    out["label"] = out["label"].map(_label_text)
     return out[COLUMNS]
 
 
 def check_classes(frame: pd.DataFrame, source: Path, label_column: str) -> None:
-    classes = frame["label"].unique()
+    classes = frame["label"].dropna().unique()
     if len(classes) < 2:
         raise PipelineError(f"{source}: column {label_column!r} has a single class {list(classes)}; "
                             "a classifier needs at least two")
@@ -217,6 +227,7 @@ def data_report(frame: pd.DataFrame, source: Path) -> dict:
         "source": str(source),
         "rows": len(frame),
         "classes": int(frame["label"].nunique()),
+        "unlabeled_rows": int(frame["label"].isna().sum()),
         "label_counts": {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()},
         "domain_counts": {str(k): int(v) for k, v in frame["domain"].value_counts().sort_index().items()},
         "duplicate_texts": int(frame["text"].duplicated().sum()),

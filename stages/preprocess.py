@@ -11,6 +11,8 @@ from stages.io import log, remove_outputs, run_main, write_json, write_parquet
 
 SPLITS = ("train", "val", "test")
 HELDOUT = "heldout"
+UNLABELED = "unlabeled"  # text only (label null, label_id -1), for self-training: the source's unlabelled rows of
+                         # the training domains, and with keep_unlabeled the training rows n_per_class left out
 
 
 def text_key(texts: pd.Series) -> pd.Series:
@@ -19,8 +21,11 @@ def text_key(texts: pd.Series) -> pd.Series:
 
 
 def clean(frame: pd.DataFrame, min_chars: int) -> pd.DataFrame:
-    kept = frame[frame["text"].str.len() >= min_chars]
-    return kept.loc[~text_key(kept["text"]).duplicated()].reset_index(drop=True)
+    """Drop short texts and repeats; of a text given both with and without a label, the labelled row stays."""
+    kept = frame[frame["text"].str.len() >= min_chars].reset_index(drop=True)
+    order = kept["label"].isna().sort_values(kind="stable").index
+    first = ~text_key(kept.loc[order, "text"]).duplicated().to_numpy()
+    return kept.loc[order[first]].sort_index().reset_index(drop=True)
 
 
 def label_map(labels: pd.Series) -> dict[str, int]:
@@ -55,14 +60,18 @@ def _stratified(frame: pd.DataFrame, size: float, seed: int, what: str) -> tuple
 def split(frame: pd.DataFrame, cfg: PreprocessConfig) -> pd.DataFrame:
     rest, test = _stratified(frame, cfg.test_size, cfg.seed, "test")
     train, val = _stratified(rest, cfg.val_size / (1.0 - cfg.test_size), cfg.seed, "val")
+    unlabeled = train.iloc[0:0]
     if cfg.n_per_class is not None:
-        train = take_per_class(train, cfg.n_per_class, cfg.seed)
-    return pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
+        drawn = take_per_class(train, cfg.n_per_class, cfg.seed)
+        unlabeled, train = (train.drop(drawn.index) if cfg.keep_unlabeled else unlabeled), drawn
+    unlabeled = unlabeled.assign(label=None)  # text only from here on
+    return pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test"),
+                      unlabeled.assign(split=UNLABELED)])
 
 
 def check_labels(splits: pd.DataFrame) -> None:
     seen = set(splits.loc[splits["split"] == "train", "label"])
-    unseen = splits[~splits["label"].isin(seen)]
+    unseen = splits[~splits["label"].isin(seen) & (splits["split"] != UNLABELED)]
     if not unseen.empty:
         where = unseen.groupby(["split", "domain"])["label"].unique().to_dict()
         raise PipelineError(f"preprocess: labels {sorted(unseen['label'].unique())} never occur in the "
@@ -81,14 +90,21 @@ def check_leakage(splits: pd.DataFrame) -> None:
 def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame, dict[str, int]]:
     """Return every kept row with its split (train/val/test/heldout) and label id, plus the label map."""
     cleaned = clean(frame, cfg.min_chars)
-    in_domain, heldout = partition_domains(cleaned, cfg.train_domains)
+    given = cleaned["label"].isna()  # unlabelled rows of the source (data.empty_labels: unlabeled)
+    in_domain, heldout = partition_domains(cleaned[~given], cfg.train_domains)
     if in_domain.empty:
         raise PipelineError("preprocess: no rows left after cleaning; check data.source and preprocess.min_chars")
-    splits = pd.concat([split(in_domain, cfg), heldout.assign(split=HELDOUT)], ignore_index=True)
+    own_text = cleaned[given & (cleaned["domain"].isin(in_domain["domain"]))]
+    if given.sum() > len(own_text):
+        log.info("preprocess: %d unlabelled rows dropped: their domains have no labelled training rows",
+                 int(given.sum()) - len(own_text))
+    splits = pd.concat([split(in_domain, cfg), own_text.assign(split=UNLABELED), heldout.assign(split=HELDOUT)],
+                       ignore_index=True)
     check_labels(splits)
     check_leakage(splits)
     mapping = label_map(splits.loc[splits["split"] == "train", "label"])
-    splits["label_id"] = splits["label"].map(mapping).astype("int64")
+    splits["label_id"] = splits["label"].map(mapping).fillna(-1).astype("int64")  # -1: unlabelled
+    splits["label"] = splits["label"].astype("str")  # null stays null; the same Parquet schema with or without
     return splits[["text", "label", "label_id", "domain", "split"]], mapping
 
 

@@ -104,6 +104,31 @@ def tiny_features(tiny_splits: tuple[pd.DataFrame, dict[str, int]]) -> np.ndarra
     return vectors
 
 
+def self_training_on(params: Params) -> Params:
+    """`params` with LP-FT and one epoch of self-training that keeps every pseudo-label (tiny data: few are sure)."""
+    fine = params.fine_tune.model_copy(update={
+        "strategy": "finetune",
+        "self_training": params.fine_tune.self_training.model_copy(update={"epochs": 1, "confidence": 0.0})})
+    return params.model_copy(update={"fine_tune": fine})
+
+
+@pytest.fixture
+def self_trained_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every text self-training trains on (labelled and pseudo-labelled), recorded by wrapping its training loop."""
+    from stages import self_training
+
+    seen: list[str] = []
+    real_finetune = self_training.finetune
+
+    def spy(encoder, tokenizer, head, cfg, train, val, seed):
+        seen.extend(train[0])
+        assert (np.asarray(train[1]) >= 0).all()  # a pool row's missing label (-1) never reaches the loss
+        return real_finetune(encoder, tokenizer, head, cfg, train, val, seed)
+
+    monkeypatch.setattr(self_training, "finetune", spy)
+    return seen
+
+
 def make_project(root: Path, overrides: dict | None = None) -> Path:
     """A fresh git + DVC project holding this repo's code, params for the tiny data, and its own MLflow db."""
     root.mkdir(parents=True, exist_ok=True)

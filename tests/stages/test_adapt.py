@@ -4,14 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import adapt
+from stages import adapt, self_training
 from stages.adapt import (
     PER_DOMAIN_CSV,
     PLOT_PNG,
     POINTS_CSV,
     draw_target,
     main,
-    pseudo_label,
     run_adaptation,
     summarize,
 )
@@ -20,6 +19,7 @@ from stages.errors import PipelineError
 from stages.fine_tune import fine_tune
 from stages.io import read_json, write_parquet
 from stages.registry import tracking_uri
+from stages.self_training import pseudo_label
 from tests.conftest import registry_client
 
 LABELS = ["negative", "positive"]
@@ -64,13 +64,14 @@ def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Para
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     splits, predictions = trained
     trained_on: list[str] = []
-    real_train_on = adapt.train_on
+    real_finetune = adapt.finetune
 
-    def spy(encoder, tokenizer, head, ft, cfg, texts, labels, steps, seed) -> None:
-        trained_on.extend(texts)
-        real_train_on(encoder, tokenizer, head, ft, cfg, texts, labels, steps, seed)
+    def spy(encoder, tokenizer, head, cfg, train, val, seed):  # every training run: shots, then self-training
+        trained_on.extend(train[0])
+        return real_finetune(encoder, tokenizer, head, cfg, train, val, seed)
 
-    monkeypatch.setattr(adapt, "train_on", spy)
+    monkeypatch.setattr(adapt, "finetune", spy)
+    monkeypatch.setattr(self_training, "finetune", spy)
     points = run_adaptation(tiny_params, splits, predictions)
     scored = set()
     for name, domain in splits[splits["split"] == "heldout"].groupby("domain"):

@@ -11,13 +11,15 @@ from stages.config import Params
 from stages.errors import PipelineError
 from stages.fine_tune import fine_tune, training_metrics
 from stages.model import HEAD_FILE, TextClassifier, read_info
+from stages.preprocess import UNLABELED, preprocess
+from tests.conftest import repo_cfg, self_training_on
 
 LABELS = ["negative", "positive"]
 
 
 def _accuracy(predictions: pd.DataFrame, model: str) -> float:
     """Accuracy over every row not trained on (test + held-out domains: 160 rows, so chance is clearly ruled out)."""
-    rows = predictions[~predictions["split"].isin(["train", "val"])]
+    rows = predictions[predictions["split"].isin(["test", "heldout"])]
     return float((rows[[f"{model}_p0", f"{model}_p1"]].to_numpy().argmax(1) == rows["label_id"]).mean())
 
 
@@ -119,3 +121,19 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
         rows = tiny_splits[0]["split"] == split
         expected = reloaded.predict_proba(tiny_splits[0].loc[rows, "text"].tolist())
         assert np.allclose(expected, predictions.loc[rows, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=1e-4)
+
+
+def test_self_training_trains_on_unlabeled_text(tiny_params: Params, tiny_frame: pd.DataFrame, tiny_splits: tuple,
+                                                 tiny_features: np.ndarray, tmp_path: Path,
+                                                 self_trained_texts: list[str]) -> None:
+    splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
+                                                n_per_class=8, keep_unlabeled=True))
+    by_text = dict(zip(tiny_splits[0]["text"], tiny_features))  # the same texts, so the same features
+    features = np.stack([by_text[t] for t in splits["text"]])
+    _, record, _ = fine_tune(self_training_on(tiny_params), splits, features, LABELS, tmp_path / "a")
+    unlabeled = splits["split"] == UNLABELED
+    pool, labelled = set(splits.loc[unlabeled, "text"]), set(splits.loc[splits["split"] == "train", "text"])
+    trained = set(self_trained_texts)
+    assert labelled <= trained and trained & pool and trained <= labelled | pool
+    assert 0 < record["pseudo_labelled"] <= len(pool) and 0 < record["lpft_val_accuracy"] <= 1
+    assert (splits.loc[unlabeled, "label_id"] == -1).all()  # the pool has no labels to read

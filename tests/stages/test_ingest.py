@@ -65,7 +65,7 @@ def test_builtin_default_has_four_domains() -> None:
     (b"body,label\nhi,a\nyo,b\n", {}, r"column 'text' \(from data.text_column\) not found"),
     (b"text,label\nhi,a\nyo,a\n", {}, "single class"),
     (b"text,label\nhi,a\n,b\nyo,b\n", {}, r"column 'text' is empty or null in line\(s\) 3"),
-    (b"text,label\nhi,a\nyo,\n", {}, r"column 'label' is empty or null"),
+    (b"text,label\nhi,a\nyo,\n", {}, r"column 'label' is empty or null in line\(s\) 3; .*data.empty_labels"),
     (b"text,label\nhi,a\nyo \xff\xfe,b\n", {}, r"\(line 3\) is not valid UTF-8"),
     (b"text,label\nhi,a\n", {"domain_column": "site"}, r"column 'site' \(from data.domain_column\)"),
 ])
@@ -75,6 +75,23 @@ def test_bad_input_names_file_and_column(tmp_path: Path, content: bytes, kw: dic
     with pytest.raises(PipelineError, match=message) as error:
         ingest(_cfg(path, **kw))
     assert str(path) in str(error.value)
+
+
+def test_empty_labels_can_be_kept_as_unlabelled_text(tmp_path: Path) -> None:
+    path = tmp_path / "some_unlabelled.csv"
+    path.write_text("text,label\ngood film,1\nbad film,0\nno label here,\nnone either,\n")
+    frame = ingest(_cfg(path, empty_labels="unlabeled"))
+    assert frame["label"].iloc[:2].tolist() == ["1", "0"] and frame["label"].iloc[2:].isna().all()
+    report = data_report(frame, path)
+    assert report["unlabeled_rows"] == 2 and report["label_counts"] == {"0": 1, "1": 1}
+
+
+def test_nullable_integer_labels_leave_unlabelled_rows_null(tmp_path: Path) -> None:
+    path = tmp_path / "nullable.parquet"
+    pd.DataFrame({"text": ["good film", "bad film", "no label"],
+                  "label": pd.array([1, 0, None], dtype="Int64")}).to_parquet(path)
+    frame = ingest(_cfg(path, empty_labels="unlabeled"))
+    assert frame["label"].iloc[:2].tolist() == ["1", "0"] and frame["label"].iloc[2:].isna().all()  # not "<NA>"
 
 
 def test_missing_source_says_how_to_fetch(tmp_path: Path) -> None:

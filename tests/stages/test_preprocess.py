@@ -1,8 +1,10 @@
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
+from stages.config import PreprocessConfig
 from stages.errors import PipelineError
-from stages.preprocess import check_leakage, preprocess, text_key
+from stages.preprocess import UNLABELED, check_leakage, preprocess, text_key
 from tests.conftest import repo_cfg
 
 
@@ -39,6 +41,38 @@ def test_duplicates_collapse_before_splitting(tiny_frame: pd.DataFrame) -> None:
 def test_few_shot_subsampling(tiny_frame: pd.DataFrame) -> None:
     splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8))
     assert splits[splits["split"] == "train"]["label"].value_counts().to_dict() == {"negative": 8, "positive": 8}
+
+
+def test_keep_unlabeled_keeps_the_rows_few_shot_left_out(tiny_frame: pd.DataFrame) -> None:
+    few, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8))
+    kept, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8,
+                                              keep_unlabeled=True))
+    every, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"]))
+    pd.testing.assert_frame_equal(kept[kept["split"] != UNLABELED].reset_index(drop=True), few)  # labelled: as before
+    unlabeled, train = set(kept.loc[kept["split"] == UNLABELED, "text"]), set(kept.loc[kept["split"] == "train", "text"])
+    assert unlabeled and not unlabeled & train
+    assert (kept.loc[kept["split"] == UNLABELED, "label_id"] == -1).all()  # text only
+    assert unlabeled | train == set(every.loc[every["split"] == "train", "text"])
+
+
+def test_unlabelled_source_rows_become_text_only_training_text(tiny_frame: pd.DataFrame) -> None:
+    movie = tiny_frame[tiny_frame["domain"] == "movie"]
+    extra = pd.DataFrame({"text": ["an unlabelled movie line", "another one, no label", "held-out text, no label",
+                                   movie["text"].iloc[0]],  # a labelled text again: the labelled row stays
+                          "label": None, "domain": ["movie", "movie", "nyt", "movie"]})
+    splits, _ = preprocess(pd.concat([extra, tiny_frame], ignore_index=True),
+                           repo_cfg("preprocess", train_domains=["movie"]))
+    plain, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"]))
+    unlabeled = splits[splits["split"] == UNLABELED]
+    assert sorted(unlabeled["text"]) == ["an unlabelled movie line", "another one, no label"]
+    assert (unlabeled["label_id"] == -1).all() and unlabeled["label"].isna().all()
+    pd.testing.assert_frame_equal(splits[splits["split"] != UNLABELED].reset_index(drop=True), plain)
+
+
+def test_keep_unlabeled_without_few_shot_is_rejected() -> None:
+    section = repo_cfg("preprocess").model_dump() | {"keep_unlabeled": True}
+    with pytest.raises(ValidationError, match="keep_unlabeled keeps the training rows that preprocess.n_per_class leaves out"):
+        PreprocessConfig.model_validate(section)
 
 
 def test_unknown_training_domain_is_named(tiny_frame: pd.DataFrame) -> None:

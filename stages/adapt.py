@@ -16,15 +16,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.backbone import load_encoder, select_device
 from stages.config import AdaptConfig, FinetuneConfig, Params, load_params
 from stages.errors import PipelineError
 from stages.evaluate import probabilities
-from stages.finetune_loop import finetune, training_epochs
+from stages.finetune_loop import train_at_least
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
-from stages.model import ENCODER_DIR, Head, classify, load_head, read_info
+from stages.model import ENCODER_DIR, classify, load_head, read_info
 from stages.plots import plt, save_figure
 from stages.preprocess import HELDOUT, take_per_class
 from stages.registry import study_run
@@ -60,13 +59,6 @@ def adapt_loop(ft: FinetuneConfig, cfg: AdaptConfig, steps: int) -> FinetuneConf
                                  "learning_rate": cfg.learning_rate, "head_learning_rate_multiplier": 1.0})
 
 
-def train_on(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, loop: FinetuneConfig,
-             texts: list[str], labels: np.ndarray, seed: int) -> None:
-    """`loop.min_steps` more optimizer steps (rounded up to whole epochs) on (texts, labels), in place."""
-    finetune(encoder, tokenizer, head, loop.model_copy(update={"epochs": training_epochs(loop, len(texts))}),
-             (texts, labels), None, seed)
-
-
 def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int) -> dict[str, np.ndarray | int]:
     """Continue training the saved candidate on the shots, then self-train on the pool; probabilities on the
     scored rows after each step, and how many pool rows were pseudo-labelled."""
@@ -78,7 +70,7 @@ def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int
     length, batch = int(info["max_length"]), 2 * ft.batch_size
     shots = target.shots["text"].tolist(), target.shots["label_id"].to_numpy()
     scored_texts = target.scored["text"].tolist()
-    train_on(encoder, tokenizer, head, adapt_loop(ft, cfg, cfg.steps), *shots, seed)
+    train_at_least(encoder, tokenizer, head, adapt_loop(ft, cfg, cfg.steps), shots, None, seed)
     out: dict[str, np.ndarray | int] = {"shots_only": classify(encoder, tokenizer, head, scored_texts, length, batch),
                                         "pseudo_labelled": 0}
     if cfg.self_training_steps == 0 or target.pool.empty:

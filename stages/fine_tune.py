@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stages.backbone import load_encoder, select_device
 from stages.config import BaselineConfig, LinearProbeConfig, Params, load_params
 from stages.errors import PipelineError
-from stages.finetune_loop import TrainLog, finetune, seed_everything, training_epochs
+from stages.finetune_loop import TrainLog, seed_everything, train_at_least
 from stages.io import (
     META_FILE,
     atomic_path,
@@ -52,11 +52,9 @@ def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.n
                         val: tuple[list[str], np.ndarray] | None, seed: int,
                         ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, TrainLog]:
     """LP-FT: the pretrained backbone and the probe's `head` trained together, in place."""
-    cfg = params.fine_tune.finetune
-    cfg = cfg.model_copy(update={"epochs": training_epochs(cfg, len(train[0]))})
     seed_everything(seed)
     tokenizer, encoder = load_encoder(params.backbone.name, select_device())
-    return tokenizer, encoder, finetune(encoder, tokenizer, head, cfg, train, val, seed)
+    return tokenizer, encoder, train_at_least(encoder, tokenizer, head, params.fine_tune.finetune, train, val, seed)
 
 
 def self_train_candidate(params: Params, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head,

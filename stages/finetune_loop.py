@@ -112,6 +112,13 @@ def training_epochs(cfg: FinetuneConfig, n_rows: int) -> int:
     return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
 
 
+def train_at_least(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, cfg: FinetuneConfig,
+                   train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray] | None, seed: int) -> TrainLog:
+    """`finetune` for `cfg.epochs`, or for as many whole epochs as reach `cfg.min_steps` (few-shot data)."""
+    return finetune(encoder, tokenizer, head, cfg.model_copy(update={"epochs": training_epochs(cfg, len(train[0]))}),
+                    train, val, seed)
+
+
 def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, cfg: FinetuneConfig,
              train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray] | None, seed: int) -> TrainLog:
     """Train encoder and head in place; keep the weights of the best validation epoch (early stopping).

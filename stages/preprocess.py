@@ -90,15 +90,15 @@ def check_leakage(splits: pd.DataFrame) -> None:
 def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame, dict[str, int]]:
     """Return every kept row with its split (train/val/test/heldout) and label id, plus the label map."""
     cleaned = clean(frame, cfg.min_chars)
-    given = cleaned["label"].isna()  # unlabelled rows of the source (data.empty_labels: unlabeled)
-    in_domain, heldout = partition_domains(cleaned[~given], cfg.train_domains)
+    no_label = cleaned["label"].isna()  # unlabelled rows of the source (data.empty_labels: unlabeled)
+    in_domain, heldout = partition_domains(cleaned[~no_label], cfg.train_domains)
     if in_domain.empty:
         raise PipelineError("preprocess: no rows left after cleaning; check data.source and preprocess.min_chars")
-    own_text = cleaned[given & (cleaned["domain"].isin(in_domain["domain"]))]
-    if given.sum() > len(own_text):
+    unlabeled = cleaned[no_label & cleaned["domain"].isin(in_domain["domain"])]
+    if no_label.sum() > len(unlabeled):
         log.info("preprocess: %d unlabelled rows dropped: their domains have no labelled training rows",
-                 int(given.sum()) - len(own_text))
-    splits = pd.concat([split(in_domain, cfg), own_text.assign(split=UNLABELED), heldout.assign(split=HELDOUT)],
+                 int(no_label.sum()) - len(unlabeled))
+    splits = pd.concat([split(in_domain, cfg), unlabeled.assign(split=UNLABELED), heldout.assign(split=HELDOUT)],
                        ignore_index=True)
     check_labels(splits)
     check_leakage(splits)

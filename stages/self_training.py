@@ -10,7 +10,7 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.config import FinetuneConfig
-from stages.finetune_loop import TrainLog, finetune, training_epochs
+from stages.finetune_loop import TrainLog, train_at_least
 from stages.io import log
 from stages.model import Head, classify
 
@@ -38,6 +38,5 @@ def self_train(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hea
         log.warning("self-training: some class has no unlabelled row predicted with confidence >= %s; skipped "
                     "(lower or enlarge: %s)", confidence, knobs)
         return None, 0
-    texts = labelled[0] + [pool[i] for i in rows]
-    loop = loop.model_copy(update={"epochs": training_epochs(loop, len(texts))})
-    return finetune(encoder, tokenizer, head, loop, (texts, np.concatenate([labelled[1], labels])), val, seed), len(rows)
+    texts, y = labelled[0] + [pool[i] for i in rows], np.concatenate([labelled[1], labels])
+    return train_at_least(encoder, tokenizer, head, loop, (texts, y), val, seed), len(rows)

@@ -113,19 +113,19 @@ def self_training_on(params: Params) -> Params:
 
 
 @pytest.fixture
-def self_trained_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every text self-training trains on (labelled and pseudo-labelled), recorded by wrapping its training loop."""
-    from stages import self_training
+def trained_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every text any training pass trains on (LP-FT, adaptation, self-training), recorded by wrapping the loop."""
+    from stages import finetune_loop
 
     seen: list[str] = []
-    real_finetune = self_training.finetune
+    real_finetune = finetune_loop.finetune
 
     def spy(encoder, tokenizer, head, cfg, train, val, seed):
         seen.extend(train[0])
         assert (np.asarray(train[1]) >= 0).all()  # a pool row's missing label (-1) never reaches the loss
         return real_finetune(encoder, tokenizer, head, cfg, train, val, seed)
 
-    monkeypatch.setattr(self_training, "finetune", spy)
+    monkeypatch.setattr(finetune_loop, "finetune", spy)
     return seen
 
 

@@ -71,14 +71,14 @@ def test_finetune_strategy_trains_the_backbone_per_draw(tiny_params: Params, tin
 
 def test_self_training_draws_its_pool_from_the_rows_a_draw_left_out(tiny_params: Params, tiny_splits: tuple,
                                                                    tiny_features: np.ndarray,
-                                                                   self_trained_texts: list[str]) -> None:
+                                                                   trained_texts: list[str]) -> None:
     params = self_training_on(tiny_params)
     params = params.model_copy(update={"data_efficiency": params.data_efficiency.model_copy(
         update={"labels_per_class": [4], "seeds": [0], "strategy": "finetune"})})
     points = run_curve(params, tiny_splits[0], tiny_features)
     drawn = set(draws(_train(tiny_splits[0]), 4, [0])[0][1]["text"])
     training = set(_train(tiny_splits[0])["text"])
-    assert len(points) == 1 and drawn <= set(self_trained_texts) <= training and set(self_trained_texts) - drawn
+    assert len(points) == 1 and drawn <= set(trained_texts) <= training and set(trained_texts) - drawn
 
 
 def _stage_inputs(params: Params, splits: pd.DataFrame, features: np.ndarray) -> None:

@@ -99,7 +99,7 @@ def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_pa
     (32, 1, 0, 1),
 ])
 def test_few_shot_runs_get_at_least_min_steps(rows: int, epochs: int, min_steps: int, expected: int) -> None:
-    from stages.fine_tune import training_epochs
+    from stages.finetune_loop import training_epochs
     from tests.conftest import repo_cfg
 
     cfg = repo_cfg("fine_tune").finetune.model_copy(update={"epochs": epochs, "min_steps": min_steps, "batch_size": 32})
@@ -125,7 +125,7 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
 
 def test_self_training_trains_on_unlabeled_text(tiny_params: Params, tiny_frame: pd.DataFrame, tiny_splits: tuple,
                                                  tiny_features: np.ndarray, tmp_path: Path,
-                                                 self_trained_texts: list[str]) -> None:
+                                                 trained_texts: list[str]) -> None:
     splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
                                                 n_per_class=8, keep_unlabeled=True))
     by_text = dict(zip(tiny_splits[0]["text"], tiny_features))  # the same texts, so the same features
@@ -133,7 +133,7 @@ def test_self_training_trains_on_unlabeled_text(tiny_params: Params, tiny_frame:
     _, record, _ = fine_tune(self_training_on(tiny_params), splits, features, LABELS, tmp_path / "a")
     unlabeled = splits["split"] == UNLABELED
     pool, labelled = set(splits.loc[unlabeled, "text"]), set(splits.loc[splits["split"] == "train", "text"])
-    trained = set(self_trained_texts)
+    trained = set(trained_texts)
     assert labelled <= trained and trained & pool and trained <= labelled | pool
     assert 0 < record["pseudo_labelled"] <= len(pool) and 0 < record["lpft_val_accuracy"] <= 1
     assert (splits.loc[unlabeled, "label_id"] == -1).all()  # the pool has no labels to read

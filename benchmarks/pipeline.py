@@ -1,6 +1,8 @@
 """Time the whole default pipeline cold, stage by stage, and its peak memory; then a no-op `dvc repro` and no-op
 runs of the Prefect flow: as `python -m flows.pipeline` (a temporary Prefect server of its own, started and stopped
-by the run) and against a running Prefect server (PREFECT_API_URL, as scheduled runs on workers are).
+by the run) and against a running Prefect server (PREFECT_API_URL, as scheduled runs on workers are). Each no-op
+figure is the median of NOOP_REPEATS runs (all of them are in the JSON), after one untimed run that creates the
+Prefect database or registers the flow.
 
 Runs in a throw-away copy of the project (code, params, the fetched default data) with its own MLflow
 registry, so the project's own outputs, dvc.lock and registry are untouched.
@@ -15,6 +17,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +81,15 @@ def timed_noop_flow(project: Path, n_stages: int, api: str | None = None) -> tup
     return seconds, result.stdout.count("up to date, skipped") == n_stages
 
 
+NOOP_REPEATS = 3
+
+
+def timed_noop_flows(project: Path, n_stages: int, api: str | None = None) -> tuple[list[float], bool]:
+    """NOOP_REPEATS timed no-op flow runs after an untimed one, and whether every run skipped every stage."""
+    runs = [timed_noop_flow(project, n_stages, api) for _ in range(NOOP_REPEATS + 1)][1:]
+    return [round(seconds, 1) for seconds, _ in runs], all(skipped for _, skipped in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
@@ -89,23 +101,22 @@ def main() -> None:
         cold, stages, _ = timed_repro(project)
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         noop, _, output = timed_repro(project)
-        timed_noop_flow(project, len(stages))  # the first run also creates the Prefect database: not timed
-        flow, flow_skipped = timed_noop_flow(project, len(stages))
+        flows, flow_skipped = timed_noop_flows(project, len(stages))
         with prefect_server(project / ".prefect-server") as api:
-            timed_noop_flow(project, len(stages), api)  # registers the flow with the server: not timed
-            flow_server, flow_server_skipped = timed_noop_flow(project, len(stages), api)
+            flows_server, flow_server_skipped = timed_noop_flows(project, len(stages), api)
         metrics = json.loads((project / load_params(project / "params.yaml").paths.metrics).read_text())
     result = {"cold_seconds": round(cold, 1), "stage_seconds": stages, "peak_rss_mib_largest_stage": round(peak_mib),
               "noop_seconds": round(noop, 1), "noop_ran_nothing": "Running stage" not in output,
-              "noop_flow_seconds": round(flow, 1), "noop_flow_on_server_seconds": round(flow_server, 1),
+              "noop_flow_seconds": statistics.median(flows), "noop_flow_on_server_seconds": statistics.median(flows_server),
+              "noop_flow_runs_seconds": flows, "noop_flow_on_server_runs_seconds": flows_server,
               "noop_flow_ran_nothing": flow_skipped and flow_server_skipped,
               "test": metrics["test"], "domains": metrics["domains"], "cpu_count": os.cpu_count()}
     print(f"cold dvc repro: {result['cold_seconds']} s   peak memory (largest stage): {result['peak_rss_mib_largest_stage']} MiB")
     for name, seconds in stages.items():
         print(f"  {name:<18} {seconds:>7.1f} s")
     print(f"no-op dvc repro: {result['noop_seconds']} s (ran nothing: {result['noop_ran_nothing']})")
-    print(f"no-op Prefect flow: {result['noop_flow_seconds']} s with its own temporary server, "
-          f"{result['noop_flow_on_server_seconds']} s on a running server (skipped every stage: "
+    print(f"no-op Prefect flow (median of {NOOP_REPEATS}): {result['noop_flow_seconds']} s with its own temporary "
+          f"server {flows}, {result['noop_flow_on_server_seconds']} s on a running server {flows_server} (skipped every stage: "
           f"{result['noop_flow_ran_nothing']})")
     print(f"{'group':<10} {'candidate':>9} {'baseline':>9} {'gain':>8}")
     for group, m in {"test": metrics["test"], **metrics["domains"]}.items():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dvc.repo import Repo
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
@@ -54,12 +55,25 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+def up_to_date(name: str, root: str) -> bool:
+    """DVC's own check, in this process: the stage's deps, params, command and outs match dvc.lock, which is what
+    `dvc repro` asks before it skips a stage. Saves the ~0.7 s start of a `dvc` process per unchanged stage.
+    The stage is named by its dvc.yaml's absolute path: DVC reads a bare name against the working directory."""
+    dvcfile_and_stage = str(Path(root) / name) if ":" in name else f"{Path(root) / 'dvc.yaml'}:{name}"
+    with Repo(root) as repo:
+        return not repo.status(targets=[dvcfile_and_stage], with_deps=False)
+
+
 def reproduce(name: str, root: str, timeout_s: float | None = None) -> dict[str, str | bool]:
-    """`dvc repro --single-item <stage>`: runs the stage only if its deps, params or outs changed.
+    """`dvc repro --single-item <stage>` unless DVC says the stage is up to date; a changed stage may still be
+    restored from DVC's run cache instead of run.
 
     On timeout the whole process group goes (dvc and the stage it started), so a retry never races a leftover.
     """
     logger = get_run_logger()
+    if up_to_date(name, root):
+        logger.info("%s: up to date, skipped", name)
+        return {"stage": name, "skipped": True}
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=root,
                                env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)

@@ -2,7 +2,8 @@
 
 Per held-out domain and seed, `adapt.labels_per_class` labelled rows per class are drawn from the domain and the
 rest is split in two: an unlabelled pool (`adapt.unlabeled_fraction`: its text is used, its labels never) and the
-rows every model is scored on. The candidate (encoder and head, as fine_tune saved it) is trained on the shots for
+rows every model is scored on. The domain's own unlabelled rows (data.empty_labels: unlabeled) join the pool. The
+candidate (encoder and head, as fine_tune saved it) is trained on the shots for
 `adapt.steps` more steps ("shots only"), then, with `adapt.self_training_steps`, pseudo-labels the pool, keeps its
 confident rows (class-balanced) and trains on shots + pseudo-labels ("adapted"). Both sit next to the unadapted
 candidate and the no-transfer baseline on the same scored rows; a negative gain is reported, never hidden.
@@ -25,7 +26,7 @@ from stages.finetune_loop import train_at_least
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, classify, load_head, read_info
 from stages.plots import plt, save_figure
-from stages.preprocess import HELDOUT, take_per_class
+from stages.preprocess import HELDOUT, take_per_class, unlabeled_rows
 from stages.registry import study_run
 from stages.self_training import self_train
 
@@ -41,16 +42,19 @@ class TargetRows:
     scored: pd.DataFrame    # every model is scored here, nothing else touches them
 
 
-def draw_target(domain: pd.DataFrame, cfg: AdaptConfig, seed: int, name: str) -> TargetRows:
-    """Split one held-out domain into shots, unlabelled pool and scored rows (disjoint, seeded)."""
+def draw_target(domain: pd.DataFrame, cfg: AdaptConfig, seed: int, name: str,
+                unlabeled: pd.DataFrame | None = None) -> TargetRows:
+    """Split one held-out domain's labelled rows into shots, unlabelled pool and scored rows (disjoint, seeded); the
+    domain's `unlabeled` rows join the pool."""
     counts = domain["label"].value_counts()
     if counts.min() <= cfg.labels_per_class:
         raise PipelineError(f"adapt: domain {name!r} has only {counts.to_dict()} rows per label, not more than "
                             f"adapt.labels_per_class={cfg.labels_per_class}; lower it so rows are left to score on")
     shots = take_per_class(domain, cfg.labels_per_class, seed)
     rest = domain.drop(shots.index)
-    pool = rest.sample(frac=cfg.unlabeled_fraction, random_state=seed)
-    return TargetRows(shots, pool.drop(columns=["label", "label_id"]), rest.drop(pool.index))
+    held_back = rest.sample(frac=cfg.unlabeled_fraction, random_state=seed)
+    pool = pd.concat([held_back, unlabeled]) if unlabeled is not None else held_back
+    return TargetRows(shots, pool.drop(columns=["label", "label_id"]), rest.drop(held_back.index))
 
 
 def adapt_loop(ft: FinetuneConfig, cfg: AdaptConfig, steps: int) -> FinetuneConfig:
@@ -77,7 +81,7 @@ def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int
         return out | {"adapted": out["shots_only"]}
     _, kept = self_train(encoder, tokenizer, head, adapt_loop(ft, cfg, cfg.self_training_steps), shots,
                          target.pool["text"].tolist(), cfg.self_training_confidence, None, seed, pool_length=length,
-                         knobs="adapt.self_training_confidence, adapt.unlabeled_fraction")
+                         knobs="adapt.self_training_confidence, adapt.unlabeled_fraction, the domain's unlabelled rows")
     if kept == 0:
         return out | {"adapted": out["shots_only"]}
     return out | {"adapted": classify(encoder, tokenizer, head, scored_texts, length, batch), "pseudo_labelled": kept}
@@ -97,8 +101,13 @@ def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFra
     candidate, baseline = probabilities(predictions, "candidate"), probabilities(predictions, "baseline")
     points = []
     for name, domain in heldout.groupby("domain", sort=True):
+        own_text = unlabeled_rows(splits, [name])
+        if cfg.self_training_steps and own_text.empty and cfg.unlabeled_fraction == 0:
+            log.warning("adapt: adapt.self_training_steps is %d but domain %r has no unlabelled text: give the source "
+                        "rows of it with empty labels (data.empty_labels: unlabeled) or set adapt.unlabeled_fraction",
+                        cfg.self_training_steps, name)
         for seed in cfg.seeds:
-            target = draw_target(domain, cfg, seed, str(name))
+            target = draw_target(domain, cfg, seed, str(name), own_text)
             y = target.scored["label_id"].to_numpy()
             result = adapted_proba(params, params.paths.model, target, seed)
             unadapted, shots_only, adapted = (accuracy(candidate[target.scored.index], y),

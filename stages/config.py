@@ -109,6 +109,7 @@ class FinetuneConfig(_Section):
 class SelfTrainingConfig(_Section):
     epochs: int = Field(ge=0, le=100)
     confidence: float = Field(ge=0.0, le=1.0)
+    rounds: int = Field(ge=1, le=10)
 
 
 class BaselineConfig(_Section):
@@ -175,10 +176,10 @@ class AdaptConfig(_Section):
     self_training_confidence: float = Field(ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _self_training_has_a_pool(self) -> AdaptConfig:
-        if (self.self_training_steps > 0) != (self.unlabeled_fraction > 0.0):
-            raise ValueError("self-training needs both self_training_steps > 0 and unlabeled_fraction > 0 (the "
-                             "unlabelled target text), or neither: a pool nothing trains on only shrinks the scored rows")
+    def _held_back_rows_are_used(self) -> AdaptConfig:
+        if self.unlabeled_fraction > 0.0 and self.self_training_steps == 0:
+            raise ValueError("unlabeled_fraction > 0 holds target rows back as unlabelled text, which only "
+                             "self_training_steps > 0 uses: set both, or neither (it would only shrink the scored rows)")
         return self
 
 

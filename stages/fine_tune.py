@@ -28,7 +28,7 @@ from stages.io import (
     write_parquet,
 )
 from stages.model import Head, classify, head_from_sklearn, save_model
-from stages.preprocess import UNLABELED
+from stages.preprocess import UNLABELED, training_domains
 from stages.self_training import self_train
 
 
@@ -64,7 +64,8 @@ def self_train_candidate(params: Params, encoder: PreTrainedModel, tokenizer: Pr
     cfg = params.fine_tune
     loop = cfg.finetune.model_copy(update={"epochs": cfg.self_training.epochs})
     return self_train(encoder, tokenizer, head, loop, train, pool, cfg.self_training.confidence, val, seed,
-                      pool_length=loop.max_length, knobs="fine_tune.self_training.confidence, the unlabelled rows")
+                      pool_length=loop.max_length, knobs="fine_tune.self_training.confidence, the unlabelled rows",
+                      rounds=cfg.self_training.rounds)
 
 
 def rows(texts: list[str], y: np.ndarray, mask: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -77,7 +78,8 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
     its timings. The timings stay out of the model folder, so the same weights always hash the same for DVC."""
     cfg = params.fine_tune
     train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
-    pool = (splits["split"] == UNLABELED).to_numpy()
+    unlabeled = (splits["split"] == UNLABELED).to_numpy()
+    pool = unlabeled & splits["domain"].isin(training_domains(splits)).to_numpy()  # held-out domains' are adapt's
     y, texts = splits["label_id"].to_numpy(), splits["text"].tolist()
     start = time.perf_counter()
     probe = fit_probe(features[train], y[train], cfg.linear_probe, cfg.seed)
@@ -94,9 +96,9 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
         tokenizer, encoder, train_log = finetune_from_probe(params, head, rows(texts, y, train),
                                                             rows(texts, y, val), cfg.seed)
         if cfg.self_training.epochs and not pool.any():
-            log.warning("fine_tune: fine_tune.self_training.epochs is %d but no row is unlabeled: give the source "
-                        "rows with empty labels and set data.empty_labels: unlabeled, or set preprocess.n_per_class "
-                        "and preprocess.keep_unlabeled: true", cfg.self_training.epochs)
+            log.warning("fine_tune: fine_tune.self_training.epochs is %d but no row of a training domain is "
+                        "unlabeled: give the source rows with empty labels and set data.empty_labels: unlabeled, or set "
+                        "preprocess.n_per_class and preprocess.keep_unlabeled: true", cfg.self_training.epochs)
         elif cfg.self_training.epochs:
             record["lpft_val_accuracy"] = train_log.epochs[train_log.best_epoch - 1]["val_accuracy"]
             self_log, record["pseudo_labelled"] = self_train_candidate(
@@ -109,7 +111,7 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
         proba = np.zeros((len(splits), len(labels)), dtype=np.float32)
         if train_log.val_proba is not None:
             proba[val] = train_log.val_proba
-        rest = ~train & ~val & ~pool
+        rest = ~train & ~val & ~unlabeled
         proba[rest] = classify(encoder, tokenizer, head, rows(texts, y, rest)[0], cfg.finetune.max_length,
                                2 * cfg.finetune.batch_size)
         save_model(folder, head.cpu(), info | {"train": record}, encoder=encoder.cpu(), tokenizer=tokenizer)

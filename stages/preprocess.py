@@ -11,8 +11,9 @@ from stages.io import log, remove_outputs, run_main, write_json, write_parquet
 
 SPLITS = ("train", "val", "test")
 HELDOUT = "heldout"
-UNLABELED = "unlabeled"  # text only (label null, label_id -1), for self-training: the source's unlabelled rows of
-                         # the training domains, and with keep_unlabeled the training rows n_per_class left out
+UNLABELED = "unlabeled"  # text only (label null, label_id -1), for self-training: the source's unlabelled rows (of
+                         # a training domain: fine_tune's; of a held-out domain: adapt's), and with keep_unlabeled the
+                         # training rows n_per_class left out
 
 
 def text_key(texts: pd.Series) -> pd.Series:
@@ -41,6 +42,15 @@ def partition_domains(frame: pd.DataFrame, train_domains: list[str] | None) -> t
                             f"domains are {sorted(frame['domain'].unique())}")
     inside = frame["domain"].isin(train_domains)
     return frame[inside], frame[~inside]
+
+
+def unlabeled_rows(splits: pd.DataFrame, domains: pd.Series | list[str]) -> pd.DataFrame:
+    """The unlabelled rows of `domains` (text only: their labels are null)."""
+    return splits[(splits["split"] == UNLABELED) & splits["domain"].isin(domains)]
+
+
+def training_domains(splits: pd.DataFrame) -> pd.Series:
+    return splits.loc[splits["split"] == "train", "domain"].drop_duplicates()
 
 
 def take_per_class(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -94,9 +104,9 @@ def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame
     in_domain, heldout = partition_domains(cleaned[~no_label], cfg.train_domains)
     if in_domain.empty:
         raise PipelineError("preprocess: no rows left after cleaning; check data.source and preprocess.min_chars")
-    unlabeled = cleaned[no_label & cleaned["domain"].isin(in_domain["domain"])]
+    unlabeled = cleaned[no_label & cleaned["domain"].isin(pd.concat([in_domain["domain"], heldout["domain"]]))]
     if no_label.sum() > len(unlabeled):
-        log.info("preprocess: %d unlabelled rows dropped: their domains have no labelled training rows",
+        log.info("preprocess: %d unlabelled rows dropped: their domains have no labelled rows to train or score on",
                  int(no_label.sum()) - len(unlabeled))
     splits = pd.concat([split(in_domain, cfg), unlabeled.assign(split=UNLABELED), heldout.assign(split=HELDOUT)],
                        ignore_index=True)

@@ -27,16 +27,20 @@ def pseudo_label(proba: np.ndarray, confidence: float) -> tuple[np.ndarray, np.n
 
 def self_train(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head, loop: FinetuneConfig,
                labelled: tuple[list[str], np.ndarray], pool: list[str], confidence: float,
-               val: tuple[list[str], np.ndarray] | None, seed: int, *, pool_length: int, knobs: str,
+               val: tuple[list[str], np.ndarray] | None, seed: int, *, pool_length: int, knobs: str, rounds: int = 1,
                ) -> tuple[TrainLog | None, int]:
-    """Pseudo-label `pool` (truncated at `pool_length` tokens), then train in place on `labelled` + the confident pool
-    rows for `loop.epochs` (rounded up to `loop.min_steps`); return the training log (None when nothing was confident
-    enough: the warning names `knobs`) and the number of pool rows kept."""
-    proba = classify(encoder, tokenizer, head, pool, pool_length, 2 * loop.batch_size)
-    rows, labels = pseudo_label(proba, confidence)
-    if len(rows) == 0:
-        log.warning("self-training: some class has no unlabelled row predicted with confidence >= %s; skipped "
-                    "(lower or enlarge: %s)", confidence, knobs)
-        return None, 0
-    texts, y = labelled[0] + [pool[i] for i in rows], np.concatenate([labelled[1], labels])
-    return train_at_least(encoder, tokenizer, head, loop, (texts, y), val, seed), len(rows)
+    """`rounds` times: pseudo-label `pool` (truncated at `pool_length` tokens) with the model as it stands, then train
+    it in place on `labelled` + the confident pool rows for `loop.epochs` (rounded up to `loop.min_steps`). Return the
+    last round's training log (None when nothing was confident enough: the warning names `knobs`) and the number of
+    pool rows it kept."""
+    trained: tuple[TrainLog | None, int] = (None, 0)
+    for round_ in range(rounds):
+        proba = classify(encoder, tokenizer, head, pool, pool_length, 2 * loop.batch_size)
+        rows, labels = pseudo_label(proba, confidence)
+        if len(rows) == 0:
+            log.warning("self-training: some class has no unlabelled row predicted with confidence >= %s; stopped "
+                        "after %d of %d rounds (lower or enlarge: %s)", confidence, round_, rounds, knobs)
+            break
+        texts, y = labelled[0] + [pool[i] for i in rows], np.concatenate([labelled[1], labels])
+        trained = train_at_least(encoder, tokenizer, head, loop, (texts, y), val, seed + round_), len(rows)
+    return trained

@@ -1,5 +1,6 @@
 """The Prefect flow through a real Prefect server: one task per dvc.yaml stage, sharing DVC's lock and cache."""
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -8,9 +9,11 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import yaml
 
 from flows import stack
 from flows.dag import read_dag
+from flows.pipeline import up_to_date
 from tests.conftest import ROOT, make_project, project_env, registry_client, run
 
 pytestmark = pytest.mark.e2e
@@ -24,6 +27,29 @@ def test_dag_is_read_from_dvc_yaml() -> None:
     assert by_name["fine_tune"].upstream == ("extract_features", "preprocess")
     assert by_name["fine_tune"].tags == ("gpu",) and by_name["fine_tune"].retries == 0
     assert by_name["register"].retries > 0 and all(s.timeout_seconds for s in specs)
+
+
+def _stale(root: Path) -> tuple[set[str], set[str]]:
+    """Stages the flow would reproduce, and the stages `dvc repro --dry --single-item` would not skip."""
+    names = [spec.name for spec in read_dag(root, studies=True)]
+    dry = {name: run([sys.executable, "-m", "dvc", "repro", "--dry", "--single-item", name], root).stdout
+           for name in names}
+    return ({name for name in names if not up_to_date(name, str(root))},
+            {name for name, output in dry.items() if "didn't change, skipping" not in output})
+
+
+def test_the_flow_skips_exactly_what_dvc_repro_skips(pipeline_project: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(pipeline_project, root)
+    studies = {"studies/dvc.yaml:data_efficiency", "studies/dvc.yaml:adapt"}  # never run in this project
+    assert _stale(root) == (studies, studies)
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["fine_tune"]["linear_probe"]["C"] *= 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / params["paths"]["metrics"]).unlink()  # evaluate's output, register's input
+    changed = studies | {"fine_tune", "evaluate", "register"}
+    assert _stale(root) == (changed, changed)
 
 
 @pytest.fixture(scope="module")

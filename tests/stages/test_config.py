@@ -42,7 +42,8 @@ def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
         load_params(tmp_path / "params.yaml")
 
 
-@pytest.mark.parametrize(("key", "value"), [("self_training_steps", 10), ("unlabeled_fraction", 0.5)])
-def test_self_training_needs_both_a_pool_and_steps(tmp_path: Path, key: str, value: object) -> None:
-    with pytest.raises(PipelineError, match="adapt: .*self_training_steps > 0 and unlabeled_fraction > 0"):
-        load_params(_params_with(tmp_path, "adapt", key, value))
+def test_rows_held_back_as_unlabelled_text_need_self_training(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="adapt: .*unlabeled_fraction > 0 .* only self_training_steps > 0 uses"):
+        load_params(_params_with(tmp_path, "adapt", "unlabeled_fraction", 0.5))
+    # the target's own unlabelled rows (data.empty_labels: unlabeled) are a pool without holding labelled rows back
+    assert load_params(_params_with(tmp_path, "adapt", "self_training_steps", 10)).adapt.self_training_steps == 10

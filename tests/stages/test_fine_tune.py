@@ -137,3 +137,38 @@ def test_self_training_trains_on_unlabeled_text(tiny_params: Params, tiny_frame:
     assert labelled <= trained and trained & pool and trained <= labelled | pool
     assert 0 < record["pseudo_labelled"] <= len(pool) and 0 < record["lpft_val_accuracy"] <= 1
     assert (splits.loc[unlabeled, "label_id"] == -1).all()  # the pool has no labels to read
+
+
+def test_each_self_training_round_relabels_with_the_model_the_last_round_trained(
+        tiny_params: Params, tiny_frame: pd.DataFrame, tiny_splits: tuple, tiny_features: np.ndarray, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import finetune_loop, self_training
+
+    splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
+                                                n_per_class=8, keep_unlabeled=True))
+    by_text = dict(zip(tiny_splits[0]["text"], tiny_features))
+    features = np.stack([by_text[t] for t in splits["text"]])
+    labellings: list[np.ndarray] = []
+    trained: list[tuple[list[str], np.ndarray]] = []
+    real_classify, real_finetune = self_training.classify, finetune_loop.finetune
+
+    def classify_spy(*args: object) -> np.ndarray:
+        labellings.append(real_classify(*args))
+        return labellings[-1]
+
+    def finetune_spy(encoder, tokenizer, head, cfg, train, val, seed):
+        trained.append((list(train[0]), np.asarray(train[1])))
+        return real_finetune(encoder, tokenizer, head, cfg, train, val, seed)
+
+    monkeypatch.setattr(self_training, "classify", classify_spy)
+    monkeypatch.setattr(finetune_loop, "finetune", finetune_spy)
+    params = self_training_on(tiny_params)  # confidence 0: every pool row is kept, class-balanced
+    st = params.fine_tune.self_training.model_copy(update={"rounds": 2})
+    params = params.model_copy(update={"fine_tune": params.fine_tune.model_copy(update={"self_training": st})})
+    fine_tune(params, splits, features, LABELS, tmp_path / "model")
+
+    assert len(labellings) == 2 and len(trained) == 3  # LP-FT, then one training pass per round
+    n_labelled = int((splits["split"] == "train").sum())
+    for labelling, (_, labels) in zip(labellings, trained[1:]):
+        assert np.array_equal(labels[n_labelled:], self_training.pseudo_label(labelling, 0.0)[1])
+    assert not np.allclose(labellings[0], labellings[1], atol=1e-3)  # round 1's training changed the labeller

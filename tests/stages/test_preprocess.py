@@ -55,16 +55,17 @@ def test_keep_unlabeled_keeps_the_rows_few_shot_left_out(tiny_frame: pd.DataFram
     assert unlabeled | train == set(every.loc[every["split"] == "train", "text"])
 
 
-def test_unlabelled_source_rows_become_text_only_training_text(tiny_frame: pd.DataFrame) -> None:
+def test_unlabelled_source_rows_become_text_only_rows_of_their_domain(tiny_frame: pd.DataFrame) -> None:
     movie = tiny_frame[tiny_frame["domain"] == "movie"]
     extra = pd.DataFrame({"text": ["an unlabelled movie line", "another one, no label", "held-out text, no label",
-                                   movie["text"].iloc[0]],  # a labelled text again: the labelled row stays
-                          "label": None, "domain": ["movie", "movie", "nyt", "movie"]})
+                                   "a domain with no labelled row", movie["text"].iloc[0]],  # labelled again: it stays
+                          "label": None, "domain": ["movie", "movie", "nyt", "blogs", "movie"]})
     splits, _ = preprocess(pd.concat([extra, tiny_frame], ignore_index=True),
                            repo_cfg("preprocess", train_domains=["movie"]))
     plain, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"]))
     unlabeled = splits[splits["split"] == UNLABELED]
-    assert sorted(unlabeled["text"]) == ["an unlabelled movie line", "another one, no label"]
+    assert sorted(zip(unlabeled["domain"], unlabeled["text"])) == [
+        ("movie", "an unlabelled movie line"), ("movie", "another one, no label"), ("nyt", "held-out text, no label")]
     assert (unlabeled["label_id"] == -1).all() and unlabeled["label"].isna().all()
     pd.testing.assert_frame_equal(splits[splits["split"] != UNLABELED].reset_index(drop=True), plain)
 

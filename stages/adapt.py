@@ -26,7 +26,7 @@ from stages.finetune_loop import train_at_least
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, classify, load_head, read_info
 from stages.plots import plt, save_figure
-from stages.preprocess import HELDOUT, take_per_class, unlabeled_rows
+from stages.preprocess import HELDOUT, UNLABELED, take_per_class
 from stages.registry import study_run
 from stages.self_training import self_train
 
@@ -101,7 +101,7 @@ def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFra
     candidate, baseline = probabilities(predictions, "candidate"), probabilities(predictions, "baseline")
     points = []
     for name, domain in heldout.groupby("domain", sort=True):
-        own_text = unlabeled_rows(splits, [name])
+        own_text = splits[(splits["split"] == UNLABELED) & (splits["domain"] == name)]
         if cfg.self_training_steps and own_text.empty and cfg.unlabeled_fraction == 0:
             log.warning("adapt: adapt.self_training_steps is %d but domain %r has no unlabelled text: give the source "
                         "rows of it with empty labels (data.empty_labels: unlabeled) or set adapt.unlabeled_fraction",

@@ -20,7 +20,7 @@ from stages.fine_tune import finetune_from_probe, fit_baseline, fit_probe, self_
 from stages.io import atomic_path, load_features, log, remove_outputs, run_main, write_json
 from stages.model import classify, head_from_sklearn
 from stages.plots import plt, save_figure
-from stages.preprocess import take_per_class, training_domains, unlabeled_rows
+from stages.preprocess import in_domain_unlabeled, take_per_class
 from stages.registry import study_run
 
 POINTS_CSV, CURVE_CSV, CURVE_PNG = "points.csv", "curve.csv", "curve.png"
@@ -70,7 +70,7 @@ def run_curve(params: Params, splits: pd.DataFrame, features: np.ndarray, scored
     hyperparameters on "val", so the test split is never looked at while choosing)."""
     cfg = params.data_efficiency
     train, test = splits[splits["split"] == "train"], splits[splits["split"] == scored_split]
-    unlabeled = unlabeled_rows(splits, training_domains(splits))["text"].tolist()  # self-training pools these too
+    unlabeled = splits.loc[in_domain_unlabeled(splits), "text"].tolist()  # self-training pools these too
     largest = int(train["label"].value_counts().max())
     budgets = sorted({largest if b is None else min(b, largest) for b in cfg.labels_per_class})
     points = []

@@ -28,7 +28,7 @@ from stages.io import (
     write_parquet,
 )
 from stages.model import Head, classify, head_from_sklearn, save_model
-from stages.preprocess import UNLABELED, training_domains
+from stages.preprocess import UNLABELED, in_domain_unlabeled
 from stages.self_training import self_train
 
 
@@ -79,7 +79,7 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
     cfg = params.fine_tune
     train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
     unlabeled = (splits["split"] == UNLABELED).to_numpy()
-    pool = unlabeled & splits["domain"].isin(training_domains(splits)).to_numpy()  # held-out domains' are adapt's
+    pool = in_domain_unlabeled(splits).to_numpy()
     y, texts = splits["label_id"].to_numpy(), splits["text"].tolist()
     start = time.perf_counter()
     probe = fit_probe(features[train], y[train], cfg.linear_probe, cfg.seed)

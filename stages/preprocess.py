@@ -44,13 +44,10 @@ def partition_domains(frame: pd.DataFrame, train_domains: list[str] | None) -> t
     return frame[inside], frame[~inside]
 
 
-def unlabeled_rows(splits: pd.DataFrame, domains: pd.Series | list[str]) -> pd.DataFrame:
-    """The unlabelled rows of `domains` (text only: their labels are null)."""
-    return splits[(splits["split"] == UNLABELED) & splits["domain"].isin(domains)]
-
-
-def training_domains(splits: pd.DataFrame) -> pd.Series:
-    return splits.loc[splits["split"] == "train", "domain"].drop_duplicates()
+def in_domain_unlabeled(splits: pd.DataFrame) -> pd.Series:
+    """Which rows are unlabelled text of a domain trained on (a held-out domain's text is the adapt study's)."""
+    heldout = splits.loc[splits["split"] == HELDOUT, "domain"].drop_duplicates()
+    return (splits["split"] == UNLABELED) & ~splits["domain"].isin(heldout)
 
 
 def take_per_class(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -98,7 +95,7 @@ def check_leakage(splits: pd.DataFrame) -> None:
 
 
 def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Return every kept row with its split (train/val/test/heldout) and label id, plus the label map."""
+    """Return every kept row with its split (train/val/test/heldout/unlabeled) and label id, plus the label map."""
     cleaned = clean(frame, cfg.min_chars)
     no_label = cleaned["label"].isna()  # unlabelled rows of the source (data.empty_labels: unlabeled)
     in_domain, heldout = partition_domains(cleaned[~no_label], cfg.train_domains)

@@ -1,7 +1,8 @@
 """Self-training: a fine-tuned model pseudo-labels unlabelled text, keeps its confident rows and trains on them too.
 
-Used in-domain by fine_tune (the rows preprocess kept as "unlabeled") and the data-efficiency study (the training
-rows a draw left out), and on a held-out domain's pool by adapt. Labels of the pool are never read.
+Used in-domain by fine_tune (the training domains' rows preprocess kept as "unlabeled") and the data-efficiency study
+(those, and the training rows a draw left out), and on a held-out domain's pool by adapt. Labels of the pool are
+never read.
 """
 
 from __future__ import annotations

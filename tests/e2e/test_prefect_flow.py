@@ -41,13 +41,16 @@ def _stale(root: Path) -> tuple[set[str], set[str]]:
 def test_the_flow_skips_exactly_what_dvc_repro_skips(pipeline_project: Path, tmp_path: Path) -> None:
     root = tmp_path / "copy"
     shutil.copytree(pipeline_project, root)
-    studies = {"studies/dvc.yaml:data_efficiency", "studies/dvc.yaml:adapt"}  # never run in this project
+    (root / "studies").mkdir()
+    shutil.copy2(ROOT / "studies" / "dvc.yaml", root / "studies" / "dvc.yaml")  # stages of another dvc.yaml, never run
+    studies = {"studies/dvc.yaml:data_efficiency", "studies/dvc.yaml:adapt"}
     assert _stale(root) == (studies, studies)
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["fine_tune"]["linear_probe"]["C"] *= 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / params["paths"]["metrics"]).unlink()  # evaluate's output, register's input
+    metrics = root / params["paths"]["metrics"]  # evaluate's output, register's input
+    metrics.write_text(metrics.read_text() + "\n")
     changed = studies | {"fine_tune", "evaluate", "register"}
     assert _stale(root) == (changed, changed)
 

@@ -123,13 +123,19 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
         assert np.allclose(expected, predictions.loc[rows, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=1e-4)
 
 
+def few_shot_with_unlabeled(frame: pd.DataFrame, tiny_splits: tuple,
+                            tiny_features: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """8 labelled movie rows per class, the other movie training rows kept as unlabelled text, and their features."""
+    splits, _ = preprocess(frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
+                                           n_per_class=8, keep_unlabeled=True))
+    by_text = dict(zip(tiny_splits[0]["text"], tiny_features))  # the same texts, so the same features
+    return splits, np.stack([by_text[t] for t in splits["text"]])
+
+
 def test_self_training_trains_on_unlabeled_text(tiny_params: Params, tiny_frame: pd.DataFrame, tiny_splits: tuple,
                                                  tiny_features: np.ndarray, tmp_path: Path,
                                                  trained_texts: list[str]) -> None:
-    splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
-                                                n_per_class=8, keep_unlabeled=True))
-    by_text = dict(zip(tiny_splits[0]["text"], tiny_features))  # the same texts, so the same features
-    features = np.stack([by_text[t] for t in splits["text"]])
+    splits, features = few_shot_with_unlabeled(tiny_frame, tiny_splits, tiny_features)
     nyt_text = splits[(splits["domain"] == "nyt")].index[:6]  # a held-out domain's unlabelled text: adapt's, not ours
     splits.loc[nyt_text, ["label", "label_id", "split"]] = (None, -1, UNLABELED)
     _, record, _ = fine_tune(self_training_on(tiny_params), splits, features, LABELS, tmp_path / "a")
@@ -146,10 +152,7 @@ def test_each_self_training_round_relabels_with_the_model_the_last_round_trained
         monkeypatch: pytest.MonkeyPatch) -> None:
     from stages import finetune_loop, self_training
 
-    splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
-                                                n_per_class=8, keep_unlabeled=True))
-    by_text = dict(zip(tiny_splits[0]["text"], tiny_features))
-    features = np.stack([by_text[t] for t in splits["text"]])
+    splits, features = few_shot_with_unlabeled(tiny_frame, tiny_splits, tiny_features)
     labellings: list[np.ndarray] = []
     trained: list[tuple[list[str], np.ndarray]] = []
     real_classify, real_finetune = self_training.classify, finetune_loop.finetune

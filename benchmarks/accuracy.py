@@ -10,6 +10,9 @@ a default is chosen without looking at the test split:
     python -m benchmarks.accuracy --strategies finetune --budgets 64 --scored-split val \\
         --grid fine_tune.finetune.min_steps=20,40,80
 
+`--set KEY=VALUE` (repeatable) fixes a fine_tune.* knob for every run without editing params.yaml, like
+`dvc exp run -S`: `--set fine_tune.self_training.epochs=1 --grid fine_tune.self_training.rounds=2,3`.
+
 Run from the project root:  python -m benchmarks.accuracy [--budgets 64 512] [--seeds 0 1 2 3 4] [--out FILE.json]
 """
 
@@ -42,23 +45,31 @@ def parse_grid(spec: str | None) -> tuple[str | None, list[Any]]:
     return key, [yaml.safe_load(value) for value in values.split(",")]
 
 
+def parse_set(spec: str) -> tuple[str, Any]:
+    """`a.b.c=1` -> ("a.b.c", 1) (the value parsed as YAML)."""
+    key, sep, value = spec.partition("=")
+    if not sep or not value:
+        raise SystemExit(f"--set {spec!r}: expected KEY=VALUE such as fine_tune.self_training.epochs=1")
+    return key, yaml.safe_load(value)
+
+
 def override(params: Params, key: str, value: Any) -> Params:
     """`params` with the dotted `key` set to `value`, validated like params.yaml itself. Only fine_tune's training
     knobs can vary: features are read once from disk, and budgets, seeds and strategy are this command's options."""
     *parents, leaf = key.split(".")
     if parents[:1] != ["fine_tune"] or key == "fine_tune.strategy":
-        raise SystemExit(f"--grid {key}: only fine_tune.* keys (not fine_tune.strategy: use --strategies) can vary")
+        raise SystemExit(f"--grid/--set {key}: only fine_tune.* keys (not fine_tune.strategy: use --strategies) can vary")
     data = params.model_dump(mode="json")
     section = data
     for part in parents:
         section = section.get(part) if isinstance(section, dict) else None
     if not isinstance(section, dict) or leaf not in section:
-        raise SystemExit(f"--grid: params.yaml has no key {key!r}")
+        raise SystemExit(f"--grid/--set: params.yaml has no key {key!r}")
     section[leaf] = value
     try:
         return Params.model_validate(data)
     except ValidationError as error:
-        raise SystemExit(f"--grid {key}={value!r}: {error.errors()[0]['msg']}") from None
+        raise SystemExit(f"--grid/--set {key}={value!r}: {error.errors()[0]['msg']}") from None
 
 
 def main() -> None:
@@ -69,9 +80,13 @@ def main() -> None:
     parser.add_argument("--scored-split", choices=["test", "val"], default="test",
                         help="the split every model is scored on (val: for choosing hyperparameters)")
     parser.add_argument("--grid", help="KEY=V1,V2,...: one run per value of this params.yaml key")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="fix a fine_tune.* params.yaml key for every run (repeatable)")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
     base = load_params()
+    for key, value in map(parse_set, args.set):
+        base = override(base, key, value)
     splits = pd.read_parquet(base.paths.splits)
     features = load_features(base.paths.features)
     grid_key, grid_values = parse_grid(args.grid)
@@ -97,9 +112,9 @@ def main() -> None:
     print(f"seconds per run (all budgets and seeds, this machine): {seconds}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"budgets": args.budgets, "seeds": args.seeds, "scored_split":
-                                        args.scored_split, "grid": args.grid, "seconds": seconds, "rows": rows},
-                                       indent=2) + "\n", encoding="utf-8")
+        record = {"budgets": args.budgets, "seeds": args.seeds, "scored_split": args.scored_split, "set": args.set,
+                  "grid": args.grid, "seconds": seconds, "rows": rows}
+        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
 
 

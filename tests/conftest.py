@@ -112,6 +112,15 @@ def self_training_on(params: Params) -> Params:
     return params.model_copy(update={"fine_tune": fine})
 
 
+def drop_labels(splits: pd.DataFrame, rows: pd.Index) -> pd.DataFrame:
+    """A copy of `splits` where `rows` are unlabelled text, as preprocess keeps a source row with an empty label."""
+    from stages.preprocess import UNLABELED
+
+    splits = splits.copy()
+    splits.loc[rows, ["label", "label_id", "split"]] = (None, -1, UNLABELED)
+    return splits
+
+
 @pytest.fixture
 def trained_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every text any training pass trains on (LP-FT, adaptation, self-training), recorded by wrapping the loop."""

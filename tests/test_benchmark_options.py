@@ -1,8 +1,8 @@
-"""The option parsing of `benchmarks.accuracy --grid`: what may vary, and clear errors for the rest."""
+"""The option parsing of `benchmarks.accuracy --grid` and `--set`: what may vary, and clear errors for the rest."""
 
 import pytest
 
-from benchmarks.accuracy import override, parse_grid
+from benchmarks.accuracy import override, parse_grid, parse_set
 from tests.conftest import REPO_PARAMS
 
 
@@ -32,3 +32,10 @@ def test_bad_grid_keys_are_named(spec_or_key: str, value: object, message: str) 
 def test_a_grid_without_values_is_rejected() -> None:
     with pytest.raises(SystemExit, match="expected KEY=V1,V2"):
         parse_grid("fine_tune.finetune.min_steps")
+
+
+def test_set_takes_one_yaml_value_and_rejects_a_bare_key() -> None:
+    assert parse_set("fine_tune.self_training.epochs=1") == ("fine_tune.self_training.epochs", 1)
+    assert parse_set("fine_tune.finetune.learning_rate=1.0e-4") == ("fine_tune.finetune.learning_rate", 1.0e-4)
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        parse_set("fine_tune.self_training.epochs")

@@ -18,10 +18,9 @@ from stages.config import Params
 from stages.errors import PipelineError
 from stages.fine_tune import fine_tune
 from stages.io import read_json, write_parquet
-from stages.preprocess import UNLABELED
 from stages.registry import tracking_uri
 from stages.self_training import pseudo_label
-from tests.conftest import registry_client
+from tests.conftest import drop_labels, registry_client
 
 LABELS = ["negative", "positive"]
 
@@ -82,10 +81,9 @@ def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Para
 def test_a_domains_own_unlabelled_rows_are_its_self_training_pool(tiny_params: Params, trained: tuple,
                                                                   trained_texts: list[str]) -> None:
     splits, predictions = trained
-    splits = splits.copy()
     amazon = splits[(splits["domain"] == "amazon") & (splits["split"] == "heldout")]
     own = amazon.sample(12, random_state=0).index  # these lose their labels: the source gave amazon text only
-    splits.loc[own, ["label", "label_id", "split"]] = (None, -1, UNLABELED)
+    splits = drop_labels(splits, own)
     params = tiny_params.model_copy(update={"adapt": tiny_params.adapt.model_copy(update={"unlabeled_fraction": 0.0})})
     points = run_adaptation(params, splits, predictions).set_index("domain")
     assert points.loc["amazon", "unlabeled_rows"] == 12 and 0 < points.loc["amazon", "pseudo_labelled"] <= 12

@@ -10,9 +10,8 @@ from stages.config import Params, load_params
 from stages.data_efficiency import CURVE_CSV, CURVE_PNG, POINTS_CSV, draws, main, run_curve, summarize
 from stages.errors import PipelineError
 from stages.io import EMBEDDINGS_FILE, read_json
-from stages.preprocess import UNLABELED
 from stages.registry import tracking_uri
-from tests.conftest import registry_client, self_training_on
+from tests.conftest import drop_labels, registry_client, self_training_on
 
 
 def _train(splits: pd.DataFrame) -> pd.DataFrame:
@@ -76,9 +75,8 @@ def test_self_training_draws_its_pool_from_the_rows_a_draw_left_out(tiny_params:
     params = self_training_on(tiny_params)
     params = params.model_copy(update={"data_efficiency": params.data_efficiency.model_copy(
         update={"labels_per_class": [4], "seeds": [0], "strategy": "finetune"})})
-    splits = tiny_splits[0].copy()
-    nyt_text = splits[(splits["domain"] == "nyt")].index[:6]  # a held-out domain's unlabelled text: never pooled here
-    splits.loc[nyt_text, ["label", "label_id", "split"]] = (None, -1, UNLABELED)
+    nyt = tiny_splits[0].index[tiny_splits[0]["domain"] == "nyt"][:6]  # a held-out domain's text: never pooled here
+    splits = drop_labels(tiny_splits[0], nyt)
     points = run_curve(params, splits, tiny_features)
     drawn = set(draws(_train(splits), 4, [0])[0][1]["text"])
     training = set(_train(splits)["text"])

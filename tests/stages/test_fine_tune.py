@@ -12,7 +12,7 @@ from stages.errors import PipelineError
 from stages.fine_tune import fine_tune, training_metrics
 from stages.model import HEAD_FILE, TextClassifier, read_info
 from stages.preprocess import UNLABELED, preprocess
-from tests.conftest import repo_cfg, self_training_on
+from tests.conftest import drop_labels, repo_cfg, self_training_on
 
 LABELS = ["negative", "positive"]
 
@@ -136,8 +136,7 @@ def test_self_training_trains_on_unlabeled_text(tiny_params: Params, tiny_frame:
                                                  tiny_features: np.ndarray, tmp_path: Path,
                                                  trained_texts: list[str]) -> None:
     splits, features = few_shot_with_unlabeled(tiny_frame, tiny_splits, tiny_features)
-    nyt_text = splits[(splits["domain"] == "nyt")].index[:6]  # a held-out domain's unlabelled text: adapt's, not ours
-    splits.loc[nyt_text, ["label", "label_id", "split"]] = (None, -1, UNLABELED)
+    splits = drop_labels(splits, splits.index[splits["domain"] == "nyt"][:6])  # a held-out domain's text: adapt's
     _, record, _ = fine_tune(self_training_on(tiny_params), splits, features, LABELS, tmp_path / "a")
     unlabeled = (splits["split"] == UNLABELED) & (splits["domain"] == "movie")
     pool, labelled = set(splits.loc[unlabeled, "text"]), set(splits.loc[splits["split"] == "train", "text"])

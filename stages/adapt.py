@@ -136,6 +136,7 @@ def summarize(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) -> None:
+    """Bars per domain; the self-training bar only when some draw pseudo-labelled a row (else it repeats shots-only)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     x = np.arange(len(per_domain))
     bars = [("baseline_accuracy", "no-transfer baseline"), ("unadapted_accuracy", "transferred, unadapted"),
@@ -181,7 +182,7 @@ def main() -> None:
         folder.mkdir()
         points.round(4).to_csv(folder / POINTS_CSV, index=False)
         per_domain.to_csv(folder / PER_DOMAIN_CSV, index=False)
-        plot_adaptation(per_domain, folder / PLOT_PNG, params.adapt.self_training_steps > 0)
+        plot_adaptation(per_domain, folder / PLOT_PNG, bool(points["pseudo_labelled"].gt(0).any()))
         run_id = log_adaptation(params, per_domain, folder)
     write_json(adaptation_metrics(per_domain), paths.adaptation_metrics)
     log.info("adapt (MLflow run %s):\n%s", run_id, per_domain.to_string(index=False))

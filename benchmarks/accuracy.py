@@ -59,6 +59,9 @@ def override(params: Params, key: str, value: Any) -> Params:
     *parents, leaf = key.split(".")
     if parents[:1] != ["fine_tune"] or key == "fine_tune.strategy":
         raise SystemExit(f"--grid/--set {key}: only fine_tune.* keys (not fine_tune.strategy: use --strategies) can vary")
+    if parents[1:2] == ["blend"]:
+        raise SystemExit(f"--grid/--set {key}: the draws here have no validation rows to choose a blend on, so they "
+                         "never blend; measure fine_tune.blend with the pipeline (dvc exp run)")
     data = params.model_dump(mode="json")
     section = data
     for part in parents:

@@ -118,9 +118,10 @@ def main() -> None:
     print(f"no-op Prefect flow (median of {NOOP_REPEATS}): {result['noop_flow_seconds']} s with its own temporary "
           f"server {flows}, {result['noop_flow_on_server_seconds']} s on a running server {flows_server} (skipped every stage: "
           f"{result['noop_flow_ran_nothing']})")
-    print(f"{'group':<10} {'candidate':>9} {'baseline':>9} {'gain':>8}")
+    print(f"{'group':<10} {'candidate':>9} {'unblended':>9} {'baseline':>9} {'gain':>8}")
     for group, m in {"test": metrics["test"], **metrics["domains"]}.items():
-        print(f"{group:<10} {m['candidate_accuracy']:>9.4f} {m['baseline_accuracy']:>9.4f} {m['transfer_gain']:>+8.4f}")
+        print(f"{group:<10} {m['candidate_accuracy']:>9.4f} {m.get('unblended_accuracy', float('nan')):>9.4f} "
+              f"{m['baseline_accuracy']:>9.4f} {m['transfer_gain']:>+8.4f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -14,11 +14,13 @@ def _read(path: Path) -> dict:
 
 def metrics_table(metrics: dict) -> list[str]:
     rows = {"test (in-domain)": metrics.get("test", {}), **metrics.get("domains", {})}
-    lines = ["| split / domain | candidate acc | baseline acc | transfer gain | macro-F1 | negative transfer |",
-             "|---|---|---|---|---|---|"]
+    header = ("| split / domain | candidate acc | unblended acc | baseline acc | transfer gain | macro-F1 | "
+              "negative transfer |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         if m:
-            lines.append(f"| {name} | {m['candidate_accuracy']:.4f} | {m['baseline_accuracy']:.4f} | "
+            lines.append(f"| {name} | {m['candidate_accuracy']:.4f} | {m.get('unblended_accuracy', float('nan')):.4f} | "
+                         f"{m['baseline_accuracy']:.4f} | "
                          f"{m['transfer_gain']:+.4f} | {m['candidate_macro_f1']:.4f} | {m['negative_transfer']} |")
     return lines
 

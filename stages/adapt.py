@@ -3,7 +3,7 @@
 Per held-out domain and seed, `adapt.labels_per_class` labelled rows per class are drawn from the domain and the
 rest is split in two: an unlabelled pool (`adapt.unlabeled_fraction`: its text is used, its labels never) and the
 rows every model is scored on. The domain's own unlabelled rows (data.empty_labels: unlabeled) join the pool. The
-candidate (encoder and head, as fine_tune saved it) is trained on the shots for
+candidate's encoder and head (as fine_tune saved them; the n-gram blend is left out) are trained on the shots for
 `adapt.steps` more steps ("shots only"), then, with `adapt.self_training_steps`, pseudo-labels the pool, keeps its
 confident rows (class-balanced) and trains on shots + pseudo-labels ("adapted"). Both sit next to the unadapted
 candidate and the no-transfer baseline on the same scored rows; a negative gain is reported, never hidden.
@@ -21,7 +21,7 @@ import pandas as pd
 from stages.backbone import load_encoder, select_device
 from stages.config import AdaptConfig, FinetuneConfig, Params, load_params
 from stages.errors import PipelineError
-from stages.evaluate import probabilities
+from stages.evaluate import UNBLENDED, probabilities
 from stages.finetune_loop import train_at_least
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, classify, load_head, read_info
@@ -98,7 +98,8 @@ def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFra
     if heldout.empty:
         raise PipelineError("adapt: no held-out domain to adapt to; set preprocess.train_domains so that some "
                             "domain is held out")
-    candidate, baseline = probabilities(predictions, "candidate"), probabilities(predictions, "baseline")
+    # adapt trains the encoder and head: the n-gram blend (fine_tune.blend) stays out of every column it compares
+    candidate, baseline = probabilities(predictions, UNBLENDED), probabilities(predictions, "baseline")
     points = []
     for name, domain in heldout.groupby("domain", sort=True):
         own_text = splits[(splits["split"] == UNLABELED) & (splits["domain"] == name)]

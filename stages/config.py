@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -118,6 +118,10 @@ class BaselineConfig(_Section):
     C: float = Field(gt=0.0)
 
 
+class BlendConfig(_Section):
+    weights: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(min_length=1)  # the n-gram model's share
+
+
 class FineTuneConfig(_Section):
     strategy: Literal["linear_probe", "finetune"]
     seed: int
@@ -125,6 +129,7 @@ class FineTuneConfig(_Section):
     finetune: FinetuneConfig
     self_training: SelfTrainingConfig
     baseline: BaselineConfig
+    blend: BlendConfig
 
     @model_validator(mode="after")
     def _self_training_follows_finetune(self) -> FineTuneConfig:

@@ -10,6 +10,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from stages.config import load_params
 from stages.io import atomic_path, load_features, log, read_json, remove_outputs, run_main, write_json
+from stages.ngram import UNBLENDED
 from stages.plots import write_plots
 
 MODELS = ("candidate", "baseline")
@@ -54,8 +55,12 @@ def score(y: np.ndarray, proba: np.ndarray, labels: list[str], bins: int) -> dic
 
 def compare(group: pd.DataFrame, labels: list[str], bins: int) -> dict:
     y = group["label_id"].to_numpy()
-    result = {model: score(y, probabilities(group, model), labels, bins) for model in MODELS}
-    gain = {k: result["candidate"][k] - result["baseline"][k] for k in ("accuracy", "macro_f1")}
+    blended = f"{UNBLENDED}_p0" in group.columns
+    models = [*MODELS, UNBLENDED] if blended else list(MODELS)
+    result = {model: score(y, probabilities(group, model), labels, bins) for model in models}
+    # The transfer gain is the transferred model's alone: a blend with the baseline must not hide negative transfer.
+    transfer = result[UNBLENDED if blended else "candidate"]
+    gain = {k: transfer[k] - result["baseline"][k] for k in ("accuracy", "macro_f1")}
     return result | {"rows": len(group), "transfer_gain": gain, "negative_transfer": bool(gain["accuracy"] < 0)}
 
 
@@ -83,6 +88,8 @@ def evaluate(predictions: pd.DataFrame, splits: pd.DataFrame, features: np.ndarr
 def headline(entry: dict) -> dict:
     """The few numbers per group that `dvc metrics show` tabulates."""
     out = {f"{m}_{k}": round(entry[m][k], 4) for m in MODELS for k in ("accuracy", "macro_f1", "ece")}
+    if UNBLENDED in entry:
+        out[f"{UNBLENDED}_accuracy"] = round(entry[UNBLENDED]["accuracy"], 4)
     out |= {"transfer_gain": round(entry["transfer_gain"]["accuracy"], 4), "negative_transfer": entry["negative_transfer"]}
     if "shift" in entry:
         out |= {k: round(v, 4) for k, v in entry["shift"].items()}

@@ -1,4 +1,7 @@
-"""fine_tune: train the candidate (linear probe or full fine-tune) and, always, the no-transfer baseline."""
+"""fine_tune: train the candidate (linear probe or full fine-tune) and, always, the no-transfer baseline.
+
+With `fine_tune.blend`, the candidate then mixes in the baseline's probabilities with the weight that scores best on
+the validation split; `predictions` keeps the transferred model alone as `unblended_p*`."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.backbone import load_encoder, select_device
-from stages.config import BaselineConfig, LinearProbeConfig, Params, load_params
+from stages.config import BaselineConfig, BlendConfig, LinearProbeConfig, Params, load_params
 from stages.errors import PipelineError
 from stages.finetune_loop import TrainLog, seed_everything, train_at_least
 from stages.io import (
@@ -27,7 +30,8 @@ from stages.io import (
     write_json,
     write_parquet,
 )
-from stages.model import Head, classify, head_from_sklearn, save_model
+from stages.model import Head, add_ngram, blend, classify, head_from_sklearn, save_model
+from stages.ngram import UNBLENDED
 from stages.preprocess import UNLABELED, in_domain_unlabeled
 from stages.self_training import self_train
 
@@ -128,20 +132,38 @@ def training_metrics(record: dict) -> dict[str, float]:
     return flat
 
 
+def choose_blend(transfer: np.ndarray, ngram: np.ndarray, y: np.ndarray,
+                 cfg: BlendConfig) -> tuple[float, dict[float, float]]:
+    """The weight in `cfg.weights` whose blend is most accurate on the validation rows given (ties: the smaller;
+    none given: 0), and the accuracy at each weight."""
+    if len(y) == 0:
+        return 0.0, {}
+    scores = {w: float(np.mean(blend(transfer, ngram, w).argmax(axis=1) == y)) for w in sorted(set(cfg.weights))}
+    return max(scores, key=scores.__getitem__), scores  # max keeps the first best: the smallest weight
+
+
 def fine_tune(params: Params, splits: pd.DataFrame, features: np.ndarray, labels: list[str],
               folder: Path) -> tuple[pd.DataFrame, dict, dict]:
-    """Train candidate and baseline on the same split; return per-row probabilities of both, and the candidate's
-    training record and timings."""
-    train = (splits["split"] == "train").to_numpy()
+    """Train candidate and baseline on the same split; blend them if validation says so; return per-row
+    probabilities of both (and of the transferred model alone), and the candidate's training record and timings."""
+    train, val = (splits["split"] == "train").to_numpy(), (splits["split"] == "val").to_numpy()
     y = splits["label_id"].to_numpy()
     baseline = fit_baseline(splits.loc[train, "text"].tolist(), y[train], params.fine_tune.baseline,
                             params.fine_tune.seed)
-    candidate_proba, record, timing = train_candidate(params, splits, features, labels, folder)
+    baseline_proba = baseline.predict_proba(splits["text"].tolist())
+    transfer_proba, record, timing = train_candidate(params, splits, features, labels, folder)
+    weight, scores = choose_blend(transfer_proba[val], baseline_proba[val], y[val], params.fine_tune.blend)
+    record |= {"blend_weight": weight} | ({"blend_val_accuracy": scores[weight]} if scores else {})
+    if weight > 0:
+        add_ngram(folder, baseline, weight)
+    candidate_proba = blend(transfer_proba, baseline_proba, weight)
+    candidate_proba[~transfer_proba.any(axis=1)] = 0.0  # rows LP-FT trained on (or never scored) stay unscored
     log.info("fine_tune: %s %s %s", params.fine_tune.strategy, record, timing)
     return pd.DataFrame({
         "split": splits["split"], "domain": splits["domain"], "label_id": y,
         **_probabilities("candidate", candidate_proba),
-        **_probabilities("baseline", baseline.predict_proba(splits["text"].tolist())),
+        **_probabilities(UNBLENDED, transfer_proba),
+        **_probabilities("baseline", baseline_proba),
     }), record, timing
 
 

@@ -2,14 +2,15 @@
 
 A model folder holds `model.json` (labels, strategy, resolved params), `head.safetensors` (weight [C, H],
 bias [C]) and, when fine-tuning changed the encoder, `encoder/` (safetensors weights + tokenizer). A linear
-probe keeps the frozen backbone, so its folder names the backbone instead of copying it.
+probe keeps the frozen backbone, so its folder names the backbone instead of copying it. When fine_tune.blend gave
+the n-gram model a weight, `ngram/` holds it and `model.json` its `ngram_weight`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,9 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from stages.backbone import autocast_for, length_batches, load_encoder, mean_pool, select_device, usable_length
 
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
 MODEL_JSON = "model.json"
 HEAD_FILE = "head.safetensors"
 ENCODER_DIR = "encoder"
+NGRAM_DIR = "ngram"
 
 
 class Head(torch.nn.Module):
@@ -52,7 +57,26 @@ def save_model(folder: Path, head: Head, info: dict[str, Any], encoder: Any = No
     if encoder is not None:
         encoder.save_pretrained(folder / ENCODER_DIR)
         tokenizer.save_pretrained(folder / ENCODER_DIR)
+    write_info(folder, info)
+
+
+def write_info(folder: Path, info: dict[str, Any]) -> None:
     (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def add_ngram(folder: Path, pipeline: Pipeline, weight: float) -> None:
+    """Make the saved model in `folder` blend the fitted n-gram `pipeline` in with `weight`."""
+    from stages.ngram import save_ngram  # scikit-learn: imported only where a blend is made or served
+
+    save_ngram(pipeline, folder / NGRAM_DIR)
+    write_info(folder, read_info(folder) | {"ngram_weight": weight})
+
+
+def blend(transfer: np.ndarray, ngram: np.ndarray, weight: float) -> np.ndarray:
+    """Class probabilities mixed linearly: (1 - weight) * transfer + weight * ngram; weight 0 leaves them as they are."""
+    if weight == 0:
+        return transfer
+    return ((1.0 - weight) * transfer + weight * ngram).astype(np.float32)
 
 
 def load_head(folder: Path) -> Head:
@@ -96,9 +120,16 @@ class TextClassifier:
         encoder_name = str(folder / ENCODER_DIR) if (folder / ENCODER_DIR).is_dir() else (backbone or self.info["backbone"])
         self.tokenizer, self.encoder = load_encoder(encoder_name, self.device)
         self.head = load_head(folder).to(self.device).eval()
+        self.ngram_weight = float(self.info.get("ngram_weight", 0.0))
+        self.ngram = None
+        if self.ngram_weight:
+            from stages.ngram import NgramModel
+
+            self.ngram = NgramModel(folder / NGRAM_DIR)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        return classify(self.encoder, self.tokenizer, self.head, texts, self.max_length, self.batch_size)
+        proba = classify(self.encoder, self.tokenizer, self.head, texts, self.max_length, self.batch_size)
+        return proba if self.ngram is None else blend(proba, self.ngram.predict_proba(texts), self.ngram_weight)
 
     def predict(self, texts: list[str]) -> list[str]:
         return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]

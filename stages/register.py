@@ -17,6 +17,7 @@ from stages.backbone import resolve_backbone
 from stages.config import Params, load_params
 from stages.io import log, read_json, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, read_info
+from stages.ngram import UNBLENDED
 from stages.registry import (
     CHAMPION,
     alias_version,
@@ -29,7 +30,7 @@ from stages.registry import (
 )
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
-RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pandas", "numpy", "mlflow")
+RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pandas", "numpy", "scikit-learn", "mlflow")
 
 
 def signature(labels: list[str]) -> ModelSignature:
@@ -96,7 +97,9 @@ def register(params: Params) -> dict:
         previous = alias_version(client, cfg.model_name, CHAMPION)
         candidate = evaluation["test"]["candidate"]
         champ_acc = champion_accuracy(cfg.model_name, previous, test)
-        decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champ_acc, cfg)
+        blended = read_info(paths.model).get("ngram_weight", 0) > 0
+        decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champ_acc, cfg,
+                          transfer_accuracy=evaluation["test"][UNBLENDED]["accuracy"] if blended else None)
         info = log_model(paths.model, labels, test["text"].head(3).tolist())
         tags = lineage(params) | {"run_id": run.info.run_id}
         registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)

@@ -80,16 +80,20 @@ class Decision:
 
 
 def decide(candidate: dict[str, float], baseline_accuracy: float, champion_accuracy: float | None,
-           cfg: RegisterConfig) -> Decision:
-    """The promotion gate: thresholds, then beat the no-transfer baseline, then beat the champion."""
+           cfg: RegisterConfig, transfer_accuracy: float | None = None) -> Decision:
+    """The promotion gate: thresholds, then beat the no-transfer baseline, then beat the champion. The baseline
+    check takes `transfer_accuracy`, the transferred model's before fine_tune.blend mixed the baseline in (default:
+    the candidate's), so that a blend cannot carry a transfer that lost to the baseline."""
     reasons, ok = [], True
+    transfer = candidate["accuracy"] if transfer_accuracy is None else transfer_accuracy
+    before_blend = "" if transfer_accuracy is None else " (before the n-gram blend)"
     checks = [
         (candidate["accuracy"] >= cfg.min_accuracy,
          f"accuracy {candidate['accuracy']:.4f} vs register.min_accuracy {cfg.min_accuracy}"),
         (candidate["macro_f1"] >= cfg.min_macro_f1,
          f"macro_f1 {candidate['macro_f1']:.4f} vs register.min_macro_f1 {cfg.min_macro_f1}"),
-        (candidate["accuracy"] - baseline_accuracy > cfg.min_gain_over_baseline,
-         (f"gain over baseline {candidate['accuracy'] - baseline_accuracy:+.4f} must exceed "
+        (transfer - baseline_accuracy > cfg.min_gain_over_baseline,
+         (f"gain over baseline{before_blend} {transfer - baseline_accuracy:+.4f} must exceed "
           f"register.min_gain_over_baseline {cfg.min_gain_over_baseline}")),
     ]
     if champion_accuracy is not None:

@@ -150,7 +150,8 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
             shutil.copy2(source, root / name)
     (root / "data").mkdir(exist_ok=True)
     shutil.copy2(TINY_CSV, root / "data" / TINY_CSV.name)
-    local_source = {"data": {"source": f"data/{TINY_CSV.name}"}}
+    # end-to-end runs serve a blended model, so the n-gram part goes through MLflow, serving and the gate too
+    local_source = {"data": {"source": f"data/{TINY_CSV.name}"}, "fine_tune": {"blend": {"weights": [0.5]}}}
     write_params(root, merge(merge(tiny_overrides(root), local_source), overrides or {}))
     git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)

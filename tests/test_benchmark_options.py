@@ -23,6 +23,7 @@ def test_override_changes_only_that_key() -> None:
     ("fine_tune.finetune.no_such_knob", 1, "no key 'fine_tune.finetune.no_such_knob'"),
     ("fine_tune.strategy", "linear_probe", "use --strategies"),
     ("backbone.max_length", 64, "only fine_tune"),
+    ("fine_tune.blend.weights", [0.5], "never blend"),
 ])
 def test_bad_grid_keys_are_named(spec_or_key: str, value: object, message: str) -> None:
     with pytest.raises(SystemExit, match=message):

@@ -27,9 +27,13 @@ LABELS = ["negative", "positive"]
 
 @pytest.fixture
 def trained(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tiny project after fine_tune: splits, a saved candidate (linear probe) and its predictions."""
+    """The tiny project after fine_tune: splits, a saved candidate (linear probe, blended with the n-gram model)
+    and its predictions."""
     splits = tiny_splits[0]
-    predictions, _, _ = fine_tune(tiny_params, splits, tiny_features, LABELS, tiny_params.paths.model)
+    ft = tiny_params.fine_tune
+    blended = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
+        "blend": ft.blend.model_copy(update={"weights": [0.5]})})})
+    predictions, _, _ = fine_tune(blended, splits, tiny_features, LABELS, tiny_params.paths.model)
     write_parquet(splits, tiny_params.paths.splits)
     write_parquet(predictions, tiny_params.paths.predictions)
     return splits, predictions
@@ -64,15 +68,19 @@ def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Para
                                                                trained_texts: list[str]) -> None:
     splits, predictions = trained  # a linear-probe candidate: only adaptation (shots, self-training) trains below
     points = run_adaptation(tiny_params, splits, predictions)
-    scored = set()
+    scored, unblended = set(), []
     for name, domain in splits[splits["split"] == "heldout"].groupby("domain"):
-        scored |= set(adapt.draw_target(domain, tiny_params.adapt, 0, str(name)).scored["text"])
+        rows = adapt.draw_target(domain, tiny_params.adapt, 0, str(name)).scored
+        scored |= set(rows["text"])
+        proba = predictions.loc[rows.index, ["unblended_p0", "unblended_p1"]].to_numpy()
+        unblended.append(float((proba.argmax(axis=1) == rows["label_id"].to_numpy()).mean()))
     assert trained_texts and not scored & set(trained_texts)  # nothing that is scored was ever trained on
     sizes = splits[splits["split"] == "heldout"].groupby("domain").size()
     assert points["domain"].tolist() == ["amazon", "nyt", "tweets"]
     assert (points["shots"] == 8).all()
     assert (points["scored_rows"] + points["unlabeled_rows"] + 8 == sizes[points["domain"]].to_numpy()).all()
     assert ((points["pseudo_labelled"] > 0) & (points["pseudo_labelled"] <= points["unlabeled_rows"])).all()
+    assert points["unadapted_accuracy"].tolist() == unblended  # the model adapt trains, without fine_tune's blend
     rest_unadapted = points["unadapted_accuracy"]
     assert ((rest_unadapted > 0) & (rest_unadapted < 1)).all()
     assert np.allclose(points["gain"], points["adapted_accuracy"] - points["unadapted_accuracy"])

@@ -30,11 +30,13 @@ def test_repo_params_are_valid() -> None:
     ("backbone", "bogus_knob", 1, "backbone.bogus_knob"),
     ("adapt", "labels_per_class", 0, "adapt.labels_per_class"),
     ("data_efficiency", "strategy", "magic", "data_efficiency.strategy"),
+    ("fine_tune", "blend", {"weights": [0.0, 1.5]}, "fine_tune.blend.weights.1"),
 ])
 def test_bad_param_names_the_key(tmp_path: Path, section: str, key: str, value: object, named: str) -> None:
     with pytest.raises(PipelineError, match=named.replace(".", r"\.")) as error:
         load_params(_params_with(tmp_path, section, key, value))
-    assert repr(value) in str(error.value) or key == "bogus_knob"
+    shown = value["weights"][1] if isinstance(value, dict) else value  # a section: the message shows the bad item
+    assert repr(shown) in str(error.value) or key == "bogus_knob"
 
 
 def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -47,3 +49,4 @@ def test_rows_held_back_as_unlabelled_text_need_self_training(tmp_path: Path) ->
         load_params(_params_with(tmp_path, "adapt", "unlabeled_fraction", 0.5))
     # the target's own unlabelled rows (data.empty_labels: unlabeled) are a pool without holding labelled rows back
     assert load_params(_params_with(tmp_path, "adapt", "self_training_steps", 10)).adapt.self_training_steps == 10
+

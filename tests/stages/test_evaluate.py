@@ -61,3 +61,14 @@ def test_plots_are_written_as_data_and_png(tmp_path) -> None:
     for name in ("confusion.csv", "per_domain.csv", "calibration.csv", "confusion.png", "per_domain.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert len(confusion_rows([[2, 1], [0, 3]], LABELS)) == 6
+
+
+def test_the_unblended_transferred_model_is_reported_beside_the_blend() -> None:
+    predictions = _case()
+    unblended = np.array([0.6, 0.9, 0.8, 0.3, 0.6, 0.2, 0.3, 0.6])  # the first test row wrong before the blend
+    predictions = predictions.assign(unblended_p0=1 - unblended, unblended_p1=unblended)
+    splits = pd.DataFrame({"split": ["train"] * 2 + predictions["split"].tolist(),
+                           "domain": ["movie"] * 2 + predictions["domain"].tolist()})
+    summary = metrics_summary(evaluate(predictions, splits, np.ones((10, 4)), LABELS, bins=5))
+    assert summary["test"]["unblended_accuracy"] == 0.8 and summary["test"]["candidate_accuracy"] == 1.0
+    assert "unblended_accuracy" not in metrics_summary(evaluate(_case(), splits, np.ones((10, 4)), LABELS, bins=5))["test"]

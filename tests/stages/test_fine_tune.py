@@ -43,13 +43,15 @@ def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits
 
 def test_finetune_trains_backbone_and_is_seeded(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,
                                                 tmp_path: Path) -> None:
-    params = tiny_params.model_copy(update={"fine_tune": tiny_params.fine_tune.model_copy(update={"strategy": "finetune"})})
+    ft = tiny_params.fine_tune
+    params = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
+        "strategy": "finetune", "blend": ft.blend.model_copy(update={"weights": [0.5]})})})  # ngram/ hashed too
     first, record, timing = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "a")
     second, _, _ = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "b")
     pd.testing.assert_frame_equal(first, second)  # same seed, same CPU run
     # ... and byte-identical model folders, so DVC's hash of the model (and every stage after it) stays put
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert Path("ngram/ngram.json") in files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert _accuracy(first, "candidate") >= 0.6
     tuned = load_file(str(tmp_path / "a" / "encoder" / "model.safetensors"))
     original = load_file(str(Path(resolve_backbone("default")) / "model.safetensors"))
@@ -84,12 +86,17 @@ def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_pa
     features, _ = extract_features(splits["text"].tolist(), tiny_params.backbone, tiny_params.extract_features,
                                    tiny_params.fine_tune.strategy)
     labels = list(mapping)
-    predictions, _, _ = fine_tune(tiny_params, splits, features, labels, tmp_path / "model")
+    blended = tiny_params.fine_tune.model_copy(update={"blend": tiny_params.fine_tune.blend.model_copy(
+        update={"weights": [0.3]})})
+    predictions, _, _ = fine_tune(tiny_params.model_copy(update={"fine_tune": blended}), splits, features, labels,
+                                  tmp_path / "model")
     proba = predictions[[f"candidate_p{i}" for i in range(4)]].to_numpy()
     assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     test = (predictions["split"] == "test").to_numpy()
     assert (proba[test].argmax(1) == predictions.loc[test, "label_id"]).mean() > 0.4  # chance is 0.25
-    assert TextClassifier(tmp_path / "model").labels == labels
+    served = TextClassifier(tmp_path / "model")
+    assert served.labels == labels
+    assert np.allclose(served.predict_proba(splits.loc[test, "text"].tolist()), proba[test], atol=1e-4)
 
 
 @pytest.mark.parametrize(("rows", "epochs", "min_steps", "expected"), [
@@ -112,7 +119,8 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
     the saved model predicts for them, and so must the test rows' scores."""
     ft = tiny_params.fine_tune
     params = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
-        "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"epochs": 2, "patience": 2})})})
+        "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"epochs": 2, "patience": 2}),
+        "blend": ft.blend.model_copy(update={"weights": [0.3]})})})
     predictions, _, _ = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
     reloaded = TextClassifier(tmp_path / "model")
     train = read_info(tmp_path / "model")["train"]

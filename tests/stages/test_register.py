@@ -47,6 +47,9 @@ def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     run(register, root)
     second = read_json(root / "reports/registry.json")
     assert second["decision"] == "rejected" and second["champion_accuracy"] is not None
+    # the champion, loaded through MLflow's pyfunc (blend included), scores what evaluate scored
+    assert second["champion_accuracy"] == first["candidate_accuracy"]
+    assert any("gain over baseline (before the n-gram blend)" in r for r in second["reasons"])
     assert any(r.startswith("FAIL: gain over champion") for r in second["reasons"])
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"

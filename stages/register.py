@@ -15,6 +15,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from stages.backbone import resolve_backbone
 from stages.config import Params, load_params
+from stages.errors import PipelineError
 from stages.io import log, read_json, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, read_info
 from stages.ngram import UNBLENDED
@@ -64,7 +65,14 @@ def champion_accuracy(name: str, version: str | None, test: pd.DataFrame) -> flo
     """The current champion re-scored on this run's test split, so the comparison is like for like."""
     if version is None:
         return None
-    champion = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    try:
+        champion = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    except Exception as error:  # whatever broke the load, the user needs the version and the way out
+        raise PipelineError(
+            f"register: the champion {name}@{CHAMPION} (version {version}) does not load with this checkout's code "
+            f"({type(error).__name__}: {error}), so it cannot be re-scored for the gate; point the alias at a version "
+            f"that loads (MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, <version>)) or delete "
+            f"the alias to let this candidate become the first champion") from error
     predicted = champion.predict(pd.DataFrame({"text": test["text"].tolist()}))["label"].to_numpy()
     return float(np.mean(predicted == test["label"].to_numpy()))
 

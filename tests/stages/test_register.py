@@ -21,6 +21,12 @@ def test_gate_promotes_only_a_candidate_that_beats_everything() -> None:
     assert decide(CANDIDATE, baseline_accuracy=0.75, champion_accuracy=0.78, cfg=cfg).promote
 
 
+def test_a_blend_cannot_carry_a_transferred_model_that_lost_to_the_baseline() -> None:
+    decision = decide(CANDIDATE, baseline_accuracy=0.78, champion_accuracy=None, cfg=gate(), transfer_accuracy=0.77)
+    assert not decision.promote  # the blended candidate (0.80) beats the baseline, the transfer alone (0.77) does not
+    assert "FAIL: gain over baseline (before the n-gram blend) -0.0100" in decision.reasons[-1]
+
+
 @pytest.mark.parametrize(("baseline", "champion", "cfg", "failed"), [
     (0.85, None, gate(), "gain over baseline"),
     (0.70, 0.80, gate(), "gain over champion"),  # a tie does not dethrone the champion
@@ -68,3 +74,18 @@ def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     training = read_json(root / "metrics/training.json")
     assert run_data.metrics["train.probe_val_accuracy"] == pytest.approx(training["probe_val_accuracy"])
     assert run_data.params["fine_tune.strategy"] == "linear_probe"
+
+
+def test_a_champion_that_no_longer_loads_is_a_clear_error(fresh_registry: Path) -> None:
+    root = fresh_registry
+    register = [sys.executable, "-m", "stages.register"]
+    run(register, root)
+    saved = list((root / "mlruns").rglob("ngram/ngram.json"))  # the champion's copy in MLflow's artifact store
+    assert len(saved) == 1
+    saved[0].write_text("{}")  # as if saved by code that wrote another format
+    result = run(register, root, check=False)
+    assert result.returncode == 2
+    assert "champion transfer-classifier@champion (version 1) does not load" in result.stderr
+    assert "set_registered_model_alias" in result.stderr
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    assert [str(v.version) for v in client.search_model_versions("name='transfer-classifier'")] == ["1"]  # nothing stray

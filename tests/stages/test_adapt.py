@@ -80,6 +80,8 @@ def test_adaptation_scores_every_heldout_domain_on_unseen_rows(tiny_params: Para
     assert (points["shots"] == 8).all()
     assert (points["scored_rows"] + points["unlabeled_rows"] + 8 == sizes[points["domain"]].to_numpy()).all()
     assert ((points["pseudo_labelled"] > 0) & (points["pseudo_labelled"] <= points["unlabeled_rows"])).all()
+    heldout = (predictions["split"] == "heldout").to_numpy()
+    assert not np.allclose(predictions.loc[heldout, "candidate_p1"], predictions.loc[heldout, "unblended_p1"])
     assert points["unadapted_accuracy"].tolist() == unblended  # the model adapt trains, without fine_tune's blend
     rest_unadapted = points["unadapted_accuracy"]
     assert ((rest_unadapted > 0) & (rest_unadapted < 1)).all()

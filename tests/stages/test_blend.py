@@ -66,4 +66,3 @@ def test_no_blend_leaves_the_transferred_model_alone(tiny_params: Params, tiny_s
     assert not (tmp_path / "model" / NGRAM_DIR).exists()
     assert np.array_equal(predictions[["candidate_p0", "candidate_p1"]].to_numpy(),
                           predictions[["unblended_p0", "unblended_p1"]].to_numpy())
-

@@ -71,4 +71,5 @@ def test_the_unblended_transferred_model_is_reported_beside_the_blend() -> None:
                            "domain": ["movie"] * 2 + predictions["domain"].tolist()})
     summary = metrics_summary(evaluate(predictions, splits, np.ones((10, 4)), LABELS, bins=5))
     assert summary["test"]["unblended_accuracy"] == 0.8 and summary["test"]["candidate_accuracy"] == 1.0
+    assert summary["test"]["transfer_gain"] == 0.2  # unblended 0.8 - baseline 0.6: the blend's share is not transfer
     assert "unblended_accuracy" not in metrics_summary(evaluate(_case(), splits, np.ones((10, 4)), LABELS, bins=5))["test"]

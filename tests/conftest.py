@@ -112,6 +112,13 @@ def self_training_on(params: Params) -> Params:
     return params.model_copy(update={"fine_tune": fine})
 
 
+def with_blend(params: Params, weights: list[float]) -> Params:
+    """`params` with fine_tune.blend.weights set: [w] forces a blend of weight w, [0.0] turns it off."""
+    ft = params.fine_tune
+    return params.model_copy(update={"fine_tune": ft.model_copy(update={
+        "blend": ft.blend.model_copy(update={"weights": weights})})})
+
+
 def drop_labels(splits: pd.DataFrame, rows: pd.Index) -> pd.DataFrame:
     """A copy of `splits` where `rows` are unlabelled text, as preprocess keeps a source row with an empty label."""
     from stages.preprocess import UNLABELED

@@ -20,7 +20,7 @@ from stages.fine_tune import fine_tune
 from stages.io import read_json, write_parquet
 from stages.registry import tracking_uri
 from stages.self_training import pseudo_label
-from tests.conftest import drop_labels, registry_client
+from tests.conftest import drop_labels, registry_client, with_blend
 
 LABELS = ["negative", "positive"]
 
@@ -30,10 +30,7 @@ def trained(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray) 
     """The tiny project after fine_tune: splits, a saved candidate (linear probe, blended with the n-gram model)
     and its predictions."""
     splits = tiny_splits[0]
-    ft = tiny_params.fine_tune
-    blended = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
-        "blend": ft.blend.model_copy(update={"weights": [0.5]})})})
-    predictions, _, _ = fine_tune(blended, splits, tiny_features, LABELS, tiny_params.paths.model)
+    predictions, _, _ = fine_tune(with_blend(tiny_params, [0.5]), splits, tiny_features, LABELS, tiny_params.paths.model)
     write_parquet(splits, tiny_params.paths.splits)
     write_parquet(predictions, tiny_params.paths.predictions)
     return splits, predictions

@@ -10,15 +10,9 @@ from stages.config import Params
 from stages.fine_tune import choose_blend, fine_tune, fit_baseline
 from stages.model import NGRAM_DIR, TextClassifier, read_info
 from stages.ngram import NgramModel, save_ngram
-from tests.conftest import repo_cfg
+from tests.conftest import repo_cfg, with_blend
 
 LABELS = ["negative", "positive"]
-
-
-def with_weights(params: Params, weights: list[float]) -> Params:
-    ft = params.fine_tune
-    return params.model_copy(update={"fine_tune": ft.model_copy(update={"blend": ft.blend.model_copy(
-        update={"weights": weights})})})
 
 
 @pytest.mark.parametrize("label_column", ["label", "domain"])  # two classes, then four
@@ -47,7 +41,7 @@ def test_blend_weight_is_the_best_on_validation_and_ties_go_to_the_smaller() -> 
 
 def test_blended_candidate_is_what_the_saved_model_serves(tiny_params: Params, tiny_splits: tuple,
                                                           tiny_features: np.ndarray, tmp_path: Path) -> None:
-    predictions, record, _ = fine_tune(with_weights(tiny_params, [0.5]), tiny_splits[0], tiny_features, LABELS,
+    predictions, record, _ = fine_tune(with_blend(tiny_params, [0.5]), tiny_splits[0], tiny_features, LABELS,
                                        tmp_path / "model")
     assert record["blend_weight"] == 0.5 and read_info(tmp_path / "model")["ngram_weight"] == 0.5
     columns = {m: predictions[[f"{m}_p0", f"{m}_p1"]].to_numpy() for m in ("candidate", "unblended", "baseline")}
@@ -60,7 +54,7 @@ def test_blended_candidate_is_what_the_saved_model_serves(tiny_params: Params, t
 
 def test_no_blend_leaves_the_transferred_model_alone(tiny_params: Params, tiny_splits: tuple,
                                                      tiny_features: np.ndarray, tmp_path: Path) -> None:
-    predictions, record, _ = fine_tune(with_weights(tiny_params, [0.0]), tiny_splits[0], tiny_features, LABELS,
+    predictions, record, _ = fine_tune(with_blend(tiny_params, [0.0]), tiny_splits[0], tiny_features, LABELS,
                                        tmp_path / "model")
     assert record["blend_weight"] == 0.0 and "ngram_weight" not in read_info(tmp_path / "model")
     assert not (tmp_path / "model" / NGRAM_DIR).exists()

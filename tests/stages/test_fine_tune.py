@@ -12,7 +12,7 @@ from stages.errors import PipelineError
 from stages.fine_tune import fine_tune, training_metrics
 from stages.model import HEAD_FILE, TextClassifier, read_info
 from stages.preprocess import UNLABELED, preprocess
-from tests.conftest import drop_labels, repo_cfg, self_training_on
+from tests.conftest import drop_labels, repo_cfg, self_training_on, with_blend
 
 LABELS = ["negative", "positive"]
 
@@ -43,9 +43,8 @@ def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits
 
 def test_finetune_trains_backbone_and_is_seeded(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,
                                                 tmp_path: Path) -> None:
-    ft = tiny_params.fine_tune
-    params = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
-        "strategy": "finetune", "blend": ft.blend.model_copy(update={"weights": [0.5]})})})  # ngram/ hashed too
+    params = with_blend(tiny_params, [0.5])  # ngram/ is hashed too
+    params = params.model_copy(update={"fine_tune": params.fine_tune.model_copy(update={"strategy": "finetune"})})
     first, record, timing = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "a")
     second, _, _ = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "b")
     pd.testing.assert_frame_equal(first, second)  # same seed, same CPU run
@@ -86,10 +85,7 @@ def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_pa
     features, _ = extract_features(splits["text"].tolist(), tiny_params.backbone, tiny_params.extract_features,
                                    tiny_params.fine_tune.strategy)
     labels = list(mapping)
-    blended = tiny_params.fine_tune.model_copy(update={"blend": tiny_params.fine_tune.blend.model_copy(
-        update={"weights": [0.3]})})
-    predictions, _, _ = fine_tune(tiny_params.model_copy(update={"fine_tune": blended}), splits, features, labels,
-                                  tmp_path / "model")
+    predictions, _, _ = fine_tune(with_blend(tiny_params, [0.3]), splits, features, labels, tmp_path / "model")
     proba = predictions[[f"candidate_p{i}" for i in range(4)]].to_numpy()
     assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     test = (predictions["split"] == "test").to_numpy()
@@ -117,10 +113,9 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
                                                        tiny_features: np.ndarray, tmp_path: Path) -> None:
     """Validation rows are scored once, inside the training loop; those scores must be the kept epoch's, i.e. what
     the saved model predicts for them, and so must the test rows' scores."""
-    ft = tiny_params.fine_tune
+    ft = with_blend(tiny_params, [0.3]).fine_tune
     params = tiny_params.model_copy(update={"fine_tune": ft.model_copy(update={
-        "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"epochs": 2, "patience": 2}),
-        "blend": ft.blend.model_copy(update={"weights": [0.3]})})})
+        "strategy": "finetune", "finetune": ft.finetune.model_copy(update={"epochs": 2, "patience": 2})})})
     predictions, _, _ = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
     reloaded = TextClassifier(tmp_path / "model")
     train = read_info(tmp_path / "model")["train"]

@@ -9,6 +9,10 @@ What it measures (the project's default data and backbone, from params.yaml in t
      then `stages.finetune_loop.finetune`) against `transformers.Trainer` with the same hyperparameters
      (1,024 rows, max length 64, batch 32, 3 epochs by default; neither loop validates).
 
+On a CUDA machine everything runs on the GPU, as the pipeline does: the extraction modes are torch fp32 and torch
+bf16 autocast (ONNX Runtime is a CPU backend here), the peer encodes in fp32 and in bf16 weights, and the `Trainer`
+trains with `bf16=True`, the mixed precision our loop uses on CUDA.
+
 Run from the project root:  python -m benchmarks.run [--quick] [--out FILE.json]
 """
 
@@ -28,7 +32,7 @@ import pandas as pd
 import torch
 import transformers
 
-from stages.backbone import load_encoder, resolve_backbone
+from stages.backbone import load_encoder, native_bf16_cpu, resolve_backbone, select_device
 from stages.config import Params, load_params
 from stages.extract_features import extract_features
 from stages.fine_tune import fit_probe
@@ -67,39 +71,61 @@ def mean_cosine(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 MODES = {"torch_fp32": ("torch", "fp32"), "onnx_fp32": ("onnxruntime", "fp32"), "onnx_int8": ("onnxruntime", "int8"),
          "torch_bf16": ("torch", "bf16")}
+CUDA_MODES = ["torch_fp32", "torch_bf16"]
 
 
-def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int) -> dict[str, Any]:
+def modes_for(device: torch.device) -> list[str]:
+    return CUDA_MODES if device.type == "cuda" else list(MODES)
+
+
+def bf16_training(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int,
+                  device: torch.device) -> dict[str, Any]:
     """Our extract_features in each runtime/precision vs SentenceTransformer.encode, interleaved, best of `repeats`.
 
     Our texts/s is embedding time only (meta["seconds"]), like the peer's encode of an already loaded model;
     `texts_per_s_incl_load` adds the model load (and, for ONNX Runtime, the export) that every call does. bf16
-    embeds only the first `bf16_rows` texts (a random sample like the rest): without AVX512-BF16/AMX it is slow.
+    embeds only the first `bf16_rows` texts on a CPU without bf16 hardware (AVX512-BF16 or AMX), where it is slow.
+    On CUDA a second peer, `peer_bf16`, encodes with its weights in bf16.
     """
     from sentence_transformers import SentenceTransformer
 
     batch = params.extract_features.batch_size
-    peer = SentenceTransformer(resolve_backbone(params.backbone.name), device="cpu")
-    peer.max_seq_length = params.backbone.max_length
-    cfgs = {name: params.extract_features.model_copy(update={"runtime": runtime, "precision": precision})
-            for name, (runtime, precision) in MODES.items()}
-    peer.encode(texts[:8], batch_size=batch)  # untimed warm-ups
+    peers = {"peer": SentenceTransformer(resolve_backbone(params.backbone.name), device=device.type)}
+    if device.type == "cuda":
+        peers["peer_bf16"] = SentenceTransformer(resolve_backbone(params.backbone.name), device=device.type,
+                                                 model_kwargs={"dtype": torch.bfloat16})
+    cfgs = {name: params.extract_features.model_copy(update={"runtime": MODES[name][0], "precision": MODES[name][1]})
+            for name in modes_for(device)}
+    for peer in peers.values():
+        peer.max_seq_length = params.backbone.max_length
+        peer.encode(texts[:8], batch_size=batch)  # untimed warm-ups
     for cfg in cfgs.values():
         extract_features(texts[:8], params.backbone, cfg, "linear_probe")
-    runs: dict[str, list[tuple[float, float]]] = {"peer": [], **{name: [] for name in cfgs}}
+    runs: dict[str, list[tuple[float, float]]] = {**{name: [] for name in peers}, **{name: [] for name in cfgs}}
     vectors: dict[str, np.ndarray] = {}
-    rows = {"peer": len(texts), **{name: len(texts) for name in cfgs}, "torch_bf16": min(bf16_rows, len(texts))}
+    rows = {name: len(texts) for name in runs}
+    if device.type == "cpu" and not native_bf16_cpu():
+        rows["torch_bf16"] = min(bf16_rows, len(texts))
     for _ in range(repeats):
-        start = time.perf_counter()
-        vectors["peer"] = peer.encode(texts, batch_size=batch, convert_to_numpy=True)
-        runs["peer"].append((time.perf_counter() - start,) * 2)
+        for name, peer in peers.items():
+            start = time.perf_counter()
+            vectors[name] = peer.encode(texts, batch_size=batch, convert_to_numpy=True)
+            runs[name].append((time.perf_counter() - start,) * 2)
         for name, cfg in cfgs.items():
             start = time.perf_counter()
             vectors[name], meta = extract_features(texts[:rows[name]], params.backbone, cfg, "linear_probe")
             runs[name].append((max(meta["seconds"], 1e-9), time.perf_counter() - start))
     best = {k: (rows[k] / min(r[0] for r in v), rows[k] / min(r[1] for r in v)) for k, v in runs.items()}
     out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": best["peer"][0],
-                           "seconds": {k: [r[0] for r in v] for k, v in runs.items()}}
+                           "seconds": {k: [r[0] for r in v] for k, v in runs.items()}, "modes": list(cfgs)}
+    if "peer_bf16" in peers:
+        out["peer_bf16"] = {"texts_per_s": best["peer_bf16"][0],
+                            "min_cosine": min_cosine(vectors["peer_bf16"].astype(np.float32), vectors["peer"]),
+                            "mean_cosine": mean_cosine(vectors["peer_bf16"].astype(np.float32), vectors["peer"])}
     for name in cfgs:
         out[name] = {"texts_per_s": best[name][0], "texts_per_s_incl_load": best[name][1],
                      "min_cosine": min_cosine(vectors[name], vectors["peer"][:rows[name]]),
@@ -133,12 +159,12 @@ def bench_ours(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
     probe_s = time.perf_counter() - start
     head = head_from_sklearn(probe.coef_, probe.intercept_)
     seed_everything(seed)
-    tokenizer, encoder = load_encoder(params.backbone.name, torch.device("cpu"))
+    tokenizer, encoder = load_encoder(params.backbone.name, select_device())
     train_log = finetune(encoder, tokenizer, head, cfg, train, None, seed)
     info = {"labels": labels, "max_length": cfg.max_length, "backbone": params.backbone.name, "strategy": "finetune"}
     with tempfile.TemporaryDirectory() as folder:
         save_model(Path(folder), head.cpu(), info, encoder=encoder.cpu(), tokenizer=tokenizer)
-        classifier = TextClassifier(Path(folder), device=torch.device("cpu"))
+        classifier = TextClassifier(Path(folder))
         predicted = classifier.predict_proba(test[0]).argmax(axis=1)
     rows = len(train[0]) * len(train_log.epochs)
     return {"train_s": train_log.seconds, "samples_per_s": train_log.samples_per_second,
@@ -184,7 +210,9 @@ def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
             per_device_eval_batch_size=cfg.batch_size * 2, learning_rate=cfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, max_grad_norm=1.0,
             eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
-            use_cpu=True, seed=seed, disable_tqdm=True)
+            use_cpu=select_device().type == "cpu", bf16=bf16_training(select_device()),
+            fp16=select_device().type == "cuda" and not bf16_training(select_device()), seed=seed,
+            disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=_Tokenized(tokenizer, *train, cfg.max_length),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
@@ -199,7 +227,13 @@ def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
 def machine() -> dict[str, Any]:
     import sentence_transformers
 
-    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if torch.cuda.is_available() else {}
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return {**gpu, "processor": platform.processor() or platform.machine(), "cpu_model": names[0] if names else "",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_hardware": native_bf16_cpu(),
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "sentence_transformers": sentence_transformers.__version__,
             "python": platform.python_version()}
@@ -209,9 +243,12 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
     ex, ours, peer = result["extract"], result["finetune"]["ours"], result["finetune"]["peer"]
     st, tr = "sentence-transformers encode (fp32)", "transformers.Trainer"
     rows: list[Row] = []
-    for name in MODES:
+    for name in ex.get("modes", MODES):
         rows.append((f"extract {name} texts/s", ex[name]["texts_per_s"], ex["peer_texts_per_s"], st))
         rows.append((f"extract {name} min cosine", ex[name]["min_cosine"], 1.0, st))
+    if "peer_bf16" in ex:
+        bf = "sentence-transformers encode (bf16 weights)"
+        rows.append(("extract torch_bf16 texts/s", ex["torch_bf16"]["texts_per_s"], ex["peer_bf16"]["texts_per_s"], bf))
     for name, accuracy in result.get("downstream", {}).items():
         rows.append((f"probe accuracy on {name}", accuracy, result["downstream"]["torch_fp32"], "our torch_fp32"))
     return rows + [
@@ -227,7 +264,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{name:<36}{ours:>12.7g}{peer:>12.7g}{'x%.3f' % (ours / peer):>8}  {what}")
     ex, ft = result["extract"], result["finetune"]
     print(f"\nextract: {ex['rows']} movie train texts, best of {ex['repeats']} interleaved runs; ours incl. model load "
-          "(and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in MODES) + " texts/s")
+          "(and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in ex.get("modes", MODES))
+          + " texts/s")
     if "downstream" in result:
         print(f"downstream: linear probe on all {result['downstream_rows'][0]} train rows, scored on "
               f"{result['downstream_rows'][1]} test rows, features from each mode")
@@ -243,7 +281,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--extract-rows", type=int, help="texts to embed (default 2048; --quick 256)")
     parser.add_argument("--train-rows", type=int, help="fine-tune rows (default 1024; --quick 128)")
-    parser.add_argument("--bf16-rows", type=int, default=256, help="texts embedded in bf16 (default 256)")
+    parser.add_argument("--bf16-rows", type=int, default=256,
+                        help="texts embedded in bf16 on a CPU without bf16 hardware (default 256)")
     parser.add_argument("--repeats", type=int, help="extraction runs, best kept (default 3; --quick 2)")
     parser.add_argument("--test-rows", type=int, help="test rows (default all; --quick 200)")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs, both loops (default 3)")
@@ -260,13 +299,21 @@ def main() -> None:
     seed = params.fine_tune.seed
     splits, labels = load_splits(params)
     result: dict[str, Any] = {"machine": machine(), "quick": args.quick}
+    device = select_device()
     result["extract"] = bench_extract(params, subset(splits, "train", n_extract, seed)[0], repeats,
-                                      args.bf16_rows)
+                                      args.bf16_rows, device)
     if args.downstream and not args.quick:
         all_train, all_test = subset(splits, "train", None, seed), subset(splits, "test", None, seed)
-        result["downstream"] = bench_downstream(params, all_train, all_test, ["torch_fp32", "onnx_fp32", "onnx_int8"])
+        downstream = ["torch_fp32", "torch_bf16"] if device.type == "cuda" else ["torch_fp32", "onnx_fp32", "onnx_int8"]
+        if device.type == "cpu" and native_bf16_cpu():
+            downstream.append("torch_bf16")
+        result["downstream"] = bench_downstream(params, all_train, all_test, downstream)
         result["downstream_rows"] = [len(all_train[0]), len(all_test[0])]
     train, test = subset(splits, "train", n_train, seed), subset(splits, "test", n_test, seed)
+    if device.type == "cuda":  # untimed: kernel loading and per-shape set-up, paid once per process, for both loops
+        warm = (train[0][:128], train[1][:128]), (test[0][:64], test[1][:64])
+        bench_ours(params, *warm, labels, 1)
+        bench_peer(params, *warm, len(labels), 1)
     result["finetune"] = {"train_rows": len(train[0]), "test_rows": len(test[0]), "epochs": args.epochs,
                           "ours": bench_ours(params, train, test, labels, args.epochs),
                           "peer": bench_peer(params, train, test, len(labels), args.epochs)}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import PipelineError
@@ -32,6 +33,12 @@ def select_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def native_bf16_cpu() -> bool:
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Without it torch emulates bf16, ~10x slower."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """fp32: exact. bf16: bf16 autocast anywhere. auto: mixed precision on CUDA (bf16, else fp16), exact on CPU.
 
@@ -43,9 +50,21 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
-def autocast_for(device: torch.device, precision: str) -> torch.autocast | nullcontext:
-    dtype = autocast_dtype(device, precision)
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+# On CUDA in bf16/fp16, torch prefers cuDNN attention, which builds a graph for every new padded length the first
+# time it sees it: with length-bucketed batches that warm-up was most of a fine-tuning epoch on an H100 (README: GPU).
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextmanager
+def compute_context(device: torch.device, precision: str) -> Iterator[None]:
+    """Autocast as `autocast_dtype` says, and on CUDA the attention kernels that need no per-shape warm-up."""
+    with ExitStack() as stack:
+        dtype = autocast_dtype(device, precision)
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+        if device.type == "cuda":
+            stack.enter_context(sdpa_kernel(CUDA_ATTENTION))
+        yield
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -78,6 +97,22 @@ def length_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
         yield order[start:start + batch_size].tolist()
 
 
+def pad_batch(ids: Sequence[list[int]], rows: Sequence[int], tokenizer: PreTrainedTokenizerBase,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """`ids[rows]` padded into input_ids + attention_mask on `device`, on the tokenizer's padding side: what
+    `tokenizer.pad` returns, without its per-token Python walk (the largest CPU cost of GPU extraction)."""
+    width = max(len(ids[i]) for i in rows)
+    input_ids = np.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    left = tokenizer.padding_side == "left"
+    for j, i in enumerate(rows):
+        span = slice(width - len(ids[i]), width) if left else slice(0, len(ids[i]))
+        input_ids[j, span] = ids[i]
+        mask[j, span] = 1
+    return {"input_ids": torch.from_numpy(input_ids).to(device, non_blocking=True),
+            "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True)}
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
@@ -92,13 +127,11 @@ def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTraine
     device = next(model.parameters()).device
     run = forward or (lambda inputs: model(**inputs).last_hidden_state)
     encoded = tokenizer(texts, truncation=True, max_length=usable_length(max_length, tokenizer, model))
-    ids, masks = encoded["input_ids"], encoded["attention_mask"]
+    ids = encoded["input_ids"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode(), autocast_for(device, precision):
+    with torch.inference_mode(), compute_context(device, precision):
         for batch in length_batches([len(x) for x in ids], batch_size):
-            padded = tokenizer.pad({"input_ids": [ids[i] for i in batch], "attention_mask": [masks[i] for i in batch]},
-                                   return_tensors="pt")
-            padded = {k: v.to(device, non_blocking=True) for k, v in padded.items()}
+            padded = pad_batch(ids, batch, tokenizer, device)
             pooled = mean_pool(run(padded).float(), padded["attention_mask"])
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)

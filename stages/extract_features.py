@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from safetensors.numpy import save_file
 
-from stages.backbone import embed, load_encoder, select_device
+from stages.backbone import autocast_dtype, embed, load_encoder, native_bf16_cpu, select_device
 from stages.config import BackboneConfig, ExtractConfig, load_params
 from stages.io import EMBEDDINGS_FILE, META_FILE, atomic_path, log, remove_outputs, run_main, write_json
 from stages.onnx_runtime import onnx_forward
@@ -18,10 +18,11 @@ from stages.onnx_runtime import onnx_forward
 def resolve_runtime(cfg: ExtractConfig, device: torch.device, strategy: str) -> tuple[str, str]:
     """The (runtime, precision) to use. `auto` picks the fastest mode that passes the accuracy bound (README: speed
     against the peers) without opening a gap between the evaluated and the served model: on CUDA, torch autocast;
-    on CPU, int8 on ONNX Runtime when the features only start fine-tuning (strategy finetune: the served model is
-    the fine-tuned torch encoder), exact torch fp32 when the served linear probe reads them (strategy linear_probe)."""
+    on CPU, when the features only start fine-tuning (strategy finetune: the served model is the fine-tuned torch
+    encoder), torch bf16 on a CPU with bf16 in hardware, else int8 on ONNX Runtime; exact torch fp32 when the served
+    linear probe reads them (strategy linear_probe)."""
     if (cfg.runtime, cfg.precision, device.type, strategy) == ("auto", "auto", "cpu", "finetune"):
-        return "onnxruntime", "int8"
+        return ("torch", "bf16") if native_bf16_cpu() else ("onnxruntime", "int8")
     if cfg.runtime == "torch" or (cfg.runtime == "auto" and cfg.precision != "int8"):
         return "torch", cfg.precision
     return "onnxruntime", "int8" if cfg.precision == "auto" else cfg.precision
@@ -34,6 +35,11 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     tokenizer, model = load_encoder(backbone.name, device)
     runtime, precision = resolve_runtime(cfg, device, strategy)
     forward = onnx_forward(model, tokenizer, precision, torch.get_num_threads()) if runtime == "onnxruntime" else None
+    reduced = autocast_dtype(device, precision) if runtime == "torch" else None
+    # Cast the weights once instead of in every autocast matmul (1.2x on an AMX CPU), except where the served
+    # model must compute exactly these features: a linear probe on CUDA, served with autocast over fp32 weights.
+    if reduced is not None and (device.type == "cpu" or strategy == "finetune"):
+        model.to(reduced)
     start = time.perf_counter()
     vectors = embed(texts, tokenizer, model, max_length=backbone.max_length, batch_size=cfg.batch_size,
                     precision=precision if runtime == "torch" else "fp32", forward=forward)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from stages.backbone import autocast_dtype, autocast_for, mean_pool, usable_length
+from stages.backbone import autocast_dtype, compute_context, mean_pool, pad_batch, usable_length
 from stages.config import FinetuneConfig
 from stages.errors import PipelineError
 from stages.model import Head, classify
@@ -95,10 +95,7 @@ class _Batcher:
         self.lengths = [len(x) for x in self.encoded["input_ids"]]
 
     def __call__(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
-        padded = self.tokenizer.pad({k: [self.encoded[k][i] for i in batch] for k in ("input_ids", "attention_mask")},
-                                    return_tensors="pt")
-        pin = self.device.type == "cuda"
-        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in padded.items()}
+        return pad_batch(self.encoded["input_ids"], batch, self.tokenizer, self.device)
 
 
 def _forward(encoder: PreTrainedModel, head: Head, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -151,7 +148,7 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
         encoder.train()
         losses = []
         for batch in sortish_batches(train_batcher.lengths, cfg.batch_size, rng):
-            with autocast_for(device, "auto"):
+            with compute_context(device, "auto"):
                 logits = _forward(encoder, head, train_batcher(batch))
             loss = torch.nn.functional.cross_entropy(logits.float(), labels[torch.as_tensor(batch, device=device)])
             scaler.scale(loss).backward()

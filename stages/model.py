@@ -16,7 +16,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.backbone import autocast_for, length_batches, load_encoder, mean_pool, select_device, usable_length
+from stages.backbone import (
+    compute_context,
+    length_batches,
+    load_encoder,
+    mean_pool,
+    pad_batch,
+    select_device,
+    usable_length,
+)
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -96,10 +104,9 @@ def classify(encoder: Any, tokenizer: Any, head: Head, texts: list[str], max_len
     length = usable_length(max_length, tokenizer, encoder)
     encoded = tokenizer(list(texts), truncation=True, max_length=length)
     out = np.zeros((len(texts), head.linear.out_features), dtype=np.float32)
-    with torch.inference_mode(), autocast_for(device, "auto"):
+    with torch.inference_mode(), compute_context(device, "auto"):
         for batch in length_batches([len(x) for x in encoded["input_ids"]], batch_size):
-            padded = tokenizer.pad({k: [encoded[k][i] for i in batch] for k in ("input_ids", "attention_mask")},
-                                   return_tensors="pt").to(device)
+            padded = pad_batch(encoded["input_ids"], batch, tokenizer, device)
             hidden = encoder(**padded).last_hidden_state.float()
             logits = head(mean_pool(hidden, padded["attention_mask"]))
             out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()

@@ -10,7 +10,7 @@ from stages.config import Params
 from stages.fine_tune import choose_blend, fine_tune, fit_baseline
 from stages.model import NGRAM_DIR, TextClassifier, read_info
 from stages.ngram import NgramModel, save_ngram
-from tests.conftest import repo_cfg, with_blend
+from tests.conftest import SERVED_ATOL, repo_cfg, with_blend
 
 LABELS = ["negative", "positive"]
 
@@ -49,7 +49,7 @@ def test_blended_candidate_is_what_the_saved_model_serves(tiny_params: Params, t
     assert not np.allclose(columns["candidate"], columns["unblended"])
     test = (tiny_splits[0]["split"] == "test").to_numpy()
     served = TextClassifier(tmp_path / "model").predict_proba(tiny_splits[0].loc[test, "text"].tolist())
-    assert np.allclose(served, columns["candidate"][test], atol=1e-4)
+    assert np.allclose(served, columns["candidate"][test], atol=SERVED_ATOL)
 
 
 def test_no_blend_leaves_the_transferred_model_alone(tiny_params: Params, tiny_splits: tuple,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from stages.backbone import embed, load_encoder, resolve_backbone, select_device
+from stages.backbone import embed, load_encoder, load_tokenizer, pad_batch, resolve_backbone, select_device
 from stages.config import ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
@@ -41,7 +41,7 @@ def test_int8_onnx_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> N
 
 
 @pytest.mark.parametrize(("runtime", "precision", "device", "strategy", "expected"), [
-    ("auto", "auto", "cpu", "finetune", ("onnxruntime", "int8")),   # features only start LP-FT
+    ("auto", "auto", "cpu", "finetune", ("onnxruntime", "int8")),   # features only start LP-FT; no bf16 hardware
     ("auto", "auto", "cpu", "linear_probe", ("torch", "auto")),      # the served probe reads them: exact
     ("auto", "auto", "cuda", "finetune", ("torch", "auto")),
     ("auto", "fp32", "cpu", "finetune", ("torch", "fp32")),
@@ -52,9 +52,17 @@ def test_int8_onnx_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> N
     ("onnxruntime", "fp32", "cpu", "finetune", ("onnxruntime", "fp32")),
 ])
 def test_runtime_resolution(runtime: str, precision: str, device: str, strategy: str,
-                            expected: tuple[str, str]) -> None:
+                            expected: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stages.extract_features.native_bf16_cpu", lambda: False)
     cfg = repo_cfg("extract_features", runtime=runtime, precision=precision)
     assert resolve_runtime(cfg, torch.device(device), strategy) == expected
+
+
+def test_auto_takes_bf16_on_a_cpu_with_bf16_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stages.extract_features.native_bf16_cpu", lambda: True)
+    cfg = repo_cfg("extract_features", runtime="auto", precision="auto")
+    assert resolve_runtime(cfg, torch.device("cpu"), "finetune") == ("torch", "bf16")
+    assert resolve_runtime(cfg, torch.device("cpu"), "linear_probe") == ("torch", "auto")
 
 
 @pytest.mark.parametrize(("runtime", "precision"), [("torch", "int8"), ("onnxruntime", "bf16")])
@@ -66,8 +74,8 @@ def test_precision_that_the_runtime_lacks_is_rejected(runtime: str, precision: s
 def test_bucketing_keeps_input_order() -> None:
     tokenizer, model = load_encoder("default", select_device())
     texts = ["short", "a much longer sentence about a film that goes on and on", "mid length text"]
-    together = embed(texts, tokenizer, model, max_length=64, batch_size=2)
-    one_by_one = np.vstack([embed([t], tokenizer, model, max_length=64, batch_size=1) for t in texts])
+    together = embed(texts, tokenizer, model, max_length=64, batch_size=2, precision="fp32")
+    one_by_one = np.vstack([embed([t], tokenizer, model, max_length=64, batch_size=1, precision="fp32") for t in texts])
     assert np.allclose(together, one_by_one, atol=1e-5)
 
 
@@ -90,3 +98,16 @@ def test_long_documents_are_truncated_not_rejected() -> None:
     long_text = "a remarkably long review that keeps going " * 2000
     vectors = embed([long_text, "short"], tokenizer, model, max_length=128, batch_size=2)
     assert vectors.shape == (2, 384) and np.isfinite(vectors).all()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_batch_equals_the_tokenizers_own_padding(side: str) -> None:
+    tokenizer = load_tokenizer("default")
+    tokenizer.padding_side = side
+    ids = tokenizer(["short", "a much longer sentence about a film", "mid length text"])["input_ids"]
+    rows = [2, 0, 1]
+    ours = pad_batch(ids, rows, tokenizer, torch.device("cpu"))
+    theirs = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+    for key in ("input_ids", "attention_mask"):
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key])
+    assert not torch.equal(ours["attention_mask"][:, 0], ours["attention_mask"][:, -1])  # really padded

@@ -12,7 +12,7 @@ from stages.errors import PipelineError
 from stages.fine_tune import fine_tune, training_metrics
 from stages.model import HEAD_FILE, TextClassifier, read_info
 from stages.preprocess import UNLABELED, preprocess
-from tests.conftest import drop_labels, repo_cfg, self_training_on, with_blend
+from tests.conftest import SERVED_ATOL, drop_labels, repo_cfg, self_training_on, with_blend
 
 LABELS = ["negative", "positive"]
 
@@ -38,7 +38,7 @@ def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits
     predictions, _, _ = fine_tune(tiny_params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
     test = tiny_splits[0]["split"] == "test"
     reloaded = TextClassifier(tmp_path / "model").predict_proba(tiny_splits[0].loc[test, "text"].tolist())
-    assert np.allclose(reloaded, predictions.loc[test, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=1e-4)
+    assert np.allclose(reloaded, predictions.loc[test, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=SERVED_ATOL)
 
 
 def test_finetune_trains_backbone_and_is_seeded(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,
@@ -92,7 +92,7 @@ def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_pa
     assert (proba[test].argmax(1) == predictions.loc[test, "label_id"]).mean() > 0.4  # chance is 0.25
     served = TextClassifier(tmp_path / "model")
     assert served.labels == labels
-    assert np.allclose(served.predict_proba(splits.loc[test, "text"].tolist()), proba[test], atol=1e-4)
+    assert np.allclose(served.predict_proba(splits.loc[test, "text"].tolist()), proba[test], atol=SERVED_ATOL)
 
 
 @pytest.mark.parametrize(("rows", "epochs", "min_steps", "expected"), [
@@ -119,11 +119,13 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
     predictions, _, _ = fine_tune(params, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
     reloaded = TextClassifier(tmp_path / "model")
     train = read_info(tmp_path / "model")["train"]
-    assert len(train["epochs"]) == 2 and train["best_epoch"] == 1  # the restored epoch is not the last one
+    assert len(train["epochs"]) == 2
+    if not torch.cuda.is_available():  # on CPU the trajectory is known: the restored epoch is not the last one
+        assert train["best_epoch"] == 1
     for split in ("val", "test"):
         rows = tiny_splits[0]["split"] == split
         expected = reloaded.predict_proba(tiny_splits[0].loc[rows, "text"].tolist())
-        assert np.allclose(expected, predictions.loc[rows, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=1e-4)
+        assert np.allclose(expected, predictions.loc[rows, ["candidate_p0", "candidate_p1"]].to_numpy(), atol=SERVED_ATOL)
 
 
 def few_shot_with_unlabeled(frame: pd.DataFrame, tiny_splits: tuple,

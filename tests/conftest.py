@@ -30,7 +30,7 @@ for _var, _value in {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.co
     os.environ.setdefault(_var, _value)
 REPO_PARAMS = load_params(ROOT / "params.yaml")
 # What fine_tune scored and what the saved model serves are one computation: exact fp32 on CPU; on CUDA bf16 autocast,
-# where batches of another composition round differently (up to 6e-3 in probability on an H100; README: GPU).
+# where batches of another composition round differently (up to 7.5e-3 in probability on an H100; reports/gpu.json).
 SERVED_ATOL = 1e-2 if torch.cuda.is_available() else 1e-4
 
 

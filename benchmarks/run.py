@@ -82,6 +82,11 @@ def bf16_training(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def bf16_emulated(device: torch.device) -> bool:
+    """A CPU without bf16 hardware: bf16 runs ~10x slower than fp32 there, so it gets fewer rows."""
+    return device.type == "cpu" and not native_bf16_cpu()
+
+
 def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int,
                   device: torch.device) -> dict[str, Any]:
     """Our extract_features in each runtime/precision vs SentenceTransformer.encode, interleaved, best of `repeats`.
@@ -108,7 +113,7 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
     runs: dict[str, list[tuple[float, float]]] = {**{name: [] for name in peers}, **{name: [] for name in cfgs}}
     vectors: dict[str, np.ndarray] = {}
     rows = {name: len(texts) for name in runs}
-    if device.type == "cpu" and not native_bf16_cpu():
+    if bf16_emulated(device):
         rows["torch_bf16"] = min(bf16_rows, len(texts))
     for _ in range(repeats):
         for name, peer in peers.items():
@@ -199,7 +204,7 @@ def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
         set_seed,
     )
 
-    cfg, seed = params.fine_tune.finetune, params.fine_tune.seed
+    cfg, seed, device = params.fine_tune.finetune, params.fine_tune.seed, select_device()
     path = resolve_backbone(params.backbone.name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     set_seed(seed)
@@ -210,9 +215,8 @@ def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
             per_device_eval_batch_size=cfg.batch_size * 2, learning_rate=cfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, max_grad_norm=1.0,
             eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
-            use_cpu=select_device().type == "cpu", bf16=bf16_training(select_device()),
-            fp16=select_device().type == "cuda" and not bf16_training(select_device()), seed=seed,
-            disable_tqdm=True)
+            use_cpu=device.type == "cpu", bf16=bf16_training(device),
+            fp16=device.type == "cuda" and not bf16_training(device), seed=seed, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=_Tokenized(tokenizer, *train, cfg.max_length),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
@@ -304,9 +308,7 @@ def main() -> None:
                                       args.bf16_rows, device)
     if args.downstream and not args.quick:
         all_train, all_test = subset(splits, "train", None, seed), subset(splits, "test", None, seed)
-        downstream = ["torch_fp32", "torch_bf16"] if device.type == "cuda" else ["torch_fp32", "onnx_fp32", "onnx_int8"]
-        if device.type == "cpu" and native_bf16_cpu():
-            downstream.append("torch_bf16")
+        downstream = [name for name in modes_for(device) if not (name == "torch_bf16" and bf16_emulated(device))]
         result["downstream"] = bench_downstream(params, all_train, all_test, downstream)
         result["downstream_rows"] = [len(all_train[0]), len(all_test[0])]
     train, test = subset(splits, "train", n_train, seed), subset(splits, "test", n_test, seed)

@@ -45,6 +45,7 @@ bench: data  ## speed and accuracy vs the peers, side by side; then the cold and
 	$(BIN)/python -m benchmarks.run --out reports/benchmarks.json
 	$(BIN)/python -m benchmarks.pipeline --out reports/pipeline_benchmark.json
 	$(BIN)/python -m benchmarks.accuracy --out reports/accuracy.json
+	$(BIN)/python -m benchmarks.adaptation_ceiling --seeds 0 1 2 --out reports/adaptation_ceiling.json
 
 clean:
 	rm -rf $(VENV)

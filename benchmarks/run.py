@@ -3,7 +3,9 @@
 What it measures (the project's default data and backbone, from params.yaml in the current directory):
   1. feature extraction throughput (texts/s) of `stages.extract_features` in each runtime and precision (torch
      fp32, ONNX Runtime fp32, ONNX Runtime int8, torch bf16) against `sentence_transformers.SentenceTransformer
-     .encode` with the same model, max length and batch size, plus the cosine between our embeddings and the peer's;
+     .encode` with the same model, max length and batch size, plus the cosine between our embeddings and the peer's.
+     On a CPU it also measures the ceiling of exact fp32 there: the encoder's linear layers over the texts' real
+     tokens (no padding) at this machine's measured fp32 matrix-product rate, with everything else free;
   2. what each mode costs downstream: linear-probe test accuracy on features from each mode (all training rows);
   3. fine-tuning throughput (samples/s) and test accuracy of the project's torch loop (LP-FT: linear probe,
      then `stages.finetune_loop.finetune`) against `transformers.Trainer` with the same hyperparameters
@@ -113,6 +115,7 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
     runs: dict[str, list[tuple[float, float]]] = {**{name: [] for name in peers}, **{name: [] for name in cfgs}}
     vectors: dict[str, np.ndarray] = {}
     rows = {name: len(texts) for name in runs}
+    ceiling = fp32_ceiling(params, texts) if device.type == "cpu" else None
     if bf16_emulated(device):
         rows["torch_bf16"] = min(bf16_rows, len(texts))
     for _ in range(repeats):
@@ -127,6 +130,8 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
     best = {k: (rows[k] / min(r[0] for r in v), rows[k] / min(r[1] for r in v)) for k, v in runs.items()}
     out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": best["peer"][0],
                            "seconds": {k: [r[0] for r in v] for k, v in runs.items()}, "modes": list(cfgs)}
+    if ceiling is not None:
+        out["fp32_ceiling"] = ceiling
     if "peer_bf16" in peers:
         out["peer_bf16"] = {"texts_per_s": best["peer_bf16"][0],
                             "min_cosine": min_cosine(vectors["peer_bf16"].astype(np.float32), vectors["peer"]),
@@ -136,6 +141,40 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
                      "min_cosine": min_cosine(vectors[name], vectors["peer"][:rows[name]]),
                      "mean_cosine": mean_cosine(vectors[name], vectors["peer"][:rows[name]]), "rows": rows[name]}
     return out
+
+
+def linear_flop_per_token(model: torch.nn.Module) -> int:
+    """FLOPs of every linear layer one token passes through (the pooler, once per text, is left out)."""
+    return sum(2 * m.in_features * m.out_features for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "pooler" not in name)
+
+
+def matmul_gflops(rows: int, inner: int, outer: int, repeats: int = 20) -> float:
+    """This machine's fp32 `linear` rate at one shape, best of five timings of `repeats` products."""
+    x, weight = torch.randn(rows, inner), torch.randn(outer, inner)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.nn.functional.linear(x, weight)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                torch.nn.functional.linear(x, weight)
+            best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * rows * inner * outer / best / 1e9
+
+
+def fp32_ceiling(params: Params, texts: list[str]) -> dict[str, float]:
+    """The most exact fp32 extraction can reach on this CPU: the linear layers' FLOPs over the real tokens at the
+    fp32 rate measured at the shape of the feed-forward layer (a batch's tokens x hidden x intermediate)."""
+    tokenizer, model = load_encoder(params.backbone.name, torch.device("cpu"))
+    ids = tokenizer(texts, truncation=True, max_length=params.backbone.max_length)["input_ids"]
+    tokens = sum(len(x) for x in ids)
+    rows = params.extract_features.batch_size * round(tokens / len(texts))
+    gflops = matmul_gflops(rows, model.config.hidden_size, model.config.intermediate_size)
+    gflop = tokens * linear_flop_per_token(model) / 1e9
+    return {"tokens": tokens, "linear_gflop": gflop, "matmul_gflops": gflops,
+            "texts_per_s": len(texts) * gflops / gflop}
 
 
 def bench_downstream(params: Params, train: tuple[list[str], np.ndarray], test: tuple[list[str], np.ndarray],
@@ -250,6 +289,8 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
     for name in ex.get("modes", MODES):
         rows.append((f"extract {name} texts/s", ex[name]["texts_per_s"], ex["peer_texts_per_s"], st))
         rows.append((f"extract {name} min cosine", ex[name]["min_cosine"], 1.0, st))
+    if "fp32_ceiling" in ex:
+        rows.append(("extract fp32 ceiling texts/s", ex["fp32_ceiling"]["texts_per_s"], ex["peer_texts_per_s"], st))
     if "peer_bf16" in ex:
         bf = "sentence-transformers encode (bf16 weights)"
         rows.append(("extract torch_bf16 texts/s", ex["torch_bf16"]["texts_per_s"], ex["peer_bf16"]["texts_per_s"], bf))
@@ -270,6 +311,12 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\nextract: {ex['rows']} movie train texts, best of {ex['repeats']} interleaved runs; ours incl. model load "
           "(and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in ex.get("modes", MODES))
           + " texts/s")
+    if "fp32_ceiling" in ex:
+        ceiling = ex["fp32_ceiling"]
+        print(f"fp32 ceiling: {ceiling['linear_gflop']:.0f} GFLOP of linear layers over {ceiling['tokens']} real "
+              f"tokens at {ceiling['matmul_gflops']:.0f} GFLOP/s (fp32 `linear` measured here) = "
+              f"{ceiling['texts_per_s']:.0f} texts/s; torch_fp32 runs at "
+              f"{ex['torch_fp32']['texts_per_s'] / ceiling['texts_per_s']:.0%} of it")
     if "downstream" in result:
         print(f"downstream: linear probe on all {result['downstream_rows'][0]} train rows, scored on "
               f"{result['downstream_rows'][1]} test rows, features from each mode")

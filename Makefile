@@ -41,7 +41,7 @@ stack: data  ## Prefect server + mlflow server + GPU pool + worker on loopback; 
 test: data  ## unit + end-to-end tests
 	$(BIN)/python -m pytest
 
-bench: data  ## speed and accuracy vs the peers, side by side; then the cold and no-op pipeline
+bench: pipeline  ## speed and accuracy vs the peers, side by side; then the cold and no-op pipeline
 	$(BIN)/python -m benchmarks.run --out reports/benchmarks.json
 	$(BIN)/python -m benchmarks.pipeline --out reports/pipeline_benchmark.json
 	$(BIN)/python -m benchmarks.accuracy --out reports/accuracy.json

@@ -1,12 +1,12 @@
 """The arithmetic behind two benchmark figures: the fp32 ceiling of extraction and the adaptation ceiling's rows."""
 
-import pandas as pd
 import torch
 
-from benchmarks.adaptation_ceiling import halves, many_labels
+from benchmarks.adaptation_ceiling import ceiling_rows, halves, many_labels
 from benchmarks.run import linear_flop_per_token
-from stages.adapt import TargetRows
+from stages.adapt import TargetRows, adapt_loop
 from stages.backbone import load_encoder
+from stages.finetune_loop import training_epochs
 from tests.conftest import REPO_PARAMS
 
 
@@ -30,7 +30,18 @@ def test_many_labels_runs_whole_passes_without_self_training(tiny_splits) -> Non
     rows = tiny_splits[0].iloc[:65]
     target = TargetRows(rows, rows.iloc[:0], rows.iloc[:0])
     params = many_labels(REPO_PARAMS, target, epochs=3)
-    batch = REPO_PARAMS.fine_tune.finetune.batch_size
-    assert params.adapt.steps == 3 * -(-65 // batch)
+    loop = adapt_loop(params.fine_tune.finetune, params.adapt, params.adapt.steps)
+    assert training_epochs(loop, len(rows)) == 3  # what train_at_least runs, inside adapted_proba
     assert params.adapt.self_training_steps == 0
-    assert params.fine_tune == REPO_PARAMS.fine_tune
+
+
+def test_ceiling_rows_keep_shots_extra_and_scored_rows_apart(tiny_splits) -> None:
+    domain = tiny_splits[0]
+    cfg = REPO_PARAMS.adapt.model_copy(update={"labels_per_class": 8, "unlabeled_fraction": 0.0})
+    few, many = ceiling_rows(domain, cfg, seed=1, name="tiny")
+    assert few.scored.index.equals(many.scored.index)
+    assert few.shots.index.isin(many.shots.index).all()
+    assert many.shots.index.intersection(few.scored.index).empty
+    assert len(many.shots) + len(few.scored) == len(domain)
+    assert abs(len(many.shots) - len(few.shots) - len(few.scored)) <= domain["label"].nunique()
+    assert few.shots["label"].value_counts().eq(8).all()

@@ -1,9 +1,10 @@
-"""The arithmetic behind two benchmark figures: the fp32 ceiling of extraction and the adaptation ceiling's rows."""
+"""The helpers behind benchmark figures: the fp32 ceiling, the adaptation ceiling's rows, the seed spread's read-back."""
 
 import torch
 
 from benchmarks.adaptation_ceiling import ceiling_rows, halves, many_labels
 from benchmarks.run import linear_flop_per_token
+from benchmarks.seeds import experiments_by_name, figures, summary
 from stages.adapt import TargetRows, adapt_loop
 from stages.backbone import load_encoder
 from stages.finetune_loop import training_epochs
@@ -45,3 +46,25 @@ def test_ceiling_rows_keep_shots_extra_and_scored_rows_apart(tiny_splits) -> Non
     assert len(many.shots) + len(few.scored) == len(domain)
     assert abs(len(many.shots) - len(few.shots) - len(few.scored)) <= domain["label"].nunique()
     assert few.shots["label"].value_counts().eq(8).all()
+
+
+def _experiment(name: str | None, rev: str, accuracy: float | None) -> dict:
+    metrics = {} if accuracy is None else {"metrics/metrics.json": {"data": {"test": {
+        "candidate_accuracy": accuracy, "unblended_accuracy": accuracy - 0.01}}}}
+    return {"rev": rev, "name": name, "data": {"rev": rev, "metrics": metrics}}
+
+
+def test_seed_runs_are_read_back_by_name_from_dvc_exp_show() -> None:
+    # the shape `dvc exp show --json` prints: the baseline, then its experiments nested under "experiments"
+    show = [{**_experiment(None, "base", 0.5), "experiments": [
+        {"revs": [_experiment("epochs3-seed0", "a1", 0.86)]},
+        {"revs": [_experiment("epochs3-seed1", "b2", 0.87)]},
+        {"revs": [_experiment("queued", "c3", None)]},
+    ]}]
+    found = experiments_by_name(show)
+    assert sorted(found) == ["epochs3-seed0", "epochs3-seed1"]
+    runs = [figures(found[f"epochs3-seed{seed}"]) for seed in (0, 1)]
+    assert [run["experiment"] for run in runs] == ["a1", "b2"]
+    assert runs[1]["blend_weight"] is None  # a metrics file the run did not write reads as missing, not as an error
+    assert summary(runs) == {"mean_test_accuracy": 0.865, "std_test_accuracy": 0.005,
+                             "mean_unblended_test_accuracy": 0.855, "std_unblended_test_accuracy": 0.005}

@@ -19,7 +19,6 @@ Run from the project root:  python -m benchmarks.accuracy [--budgets 64 512] [--
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
+from benchmarks import write_report
 from stages.config import Params, load_params
 from stages.data_efficiency import run_curve, summarize
 from stages.io import load_features
@@ -114,11 +114,9 @@ def main() -> None:
     print(table[shown].to_string(index=False))
     print(f"seconds per run (all budgets and seeds, this machine): {seconds}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         record = {"budgets": args.budgets, "seeds": args.seeds, "scored_split": args.scored_split, "set": args.set,
                   "grid": args.grid, "seconds": seconds, "rows": rows}
-        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
+        write_report(record, args.out)
 
 
 if __name__ == "__main__":

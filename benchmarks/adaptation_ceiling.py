@@ -17,13 +17,12 @@ unlikely to be reached on that domain with this backbone. Run `dvc repro` first 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from benchmarks import write_report
 from stages.adapt import TargetRows, accuracy, adapted_proba, draw_target
 from stages.config import AdaptConfig, Params, load_params
 from stages.fine_tune import fit_baseline
@@ -91,14 +90,11 @@ def main() -> None:
           "shots + labelled half; accuracy on the other half (same rows in every column), means over seeds:")
     print(means.to_string())
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         record = {"command": "python -m benchmarks.adaptation_ceiling " + " ".join(
                       ["--seeds", *map(str, args.seeds), "--epochs", str(args.epochs)]),
                   "adapt": params.adapt.model_dump(mode="json"), "points": table.to_dict(orient="records"),
                   "means": means.reset_index().to_dict(orient="records")}
-        args.out.write_text(json.dumps(record, indent=2, default=lambda v: v.item() if isinstance(v, np.generic)
-                                       else str(v)) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
+        write_report(record, args.out)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main() -> None:
         print(json.dumps(_speed(args.speed_variant, args.rows)))
         return
     from stages.config import load_params
-    from stages.io import write_json
+    from benchmarks import write_report
 
     params = load_params()
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "speed": {}}
@@ -109,9 +109,7 @@ def main() -> None:
         result["served"] = served_agreement(Path(params.paths.model), Path(params.paths.splits))
         print("served model, movie test split: " + ", ".join(f"{k} {v:.4g}" for k, v in result["served"].items()))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(result, args.out)
-        print(f"wrote {args.out}")
+        write_report(result, args.out)
 
 
 if __name__ == "__main__":

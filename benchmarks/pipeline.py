@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_report
 from flows.stack import prefect_server
 from stages.config import load_params
 
@@ -123,8 +124,7 @@ def main() -> None:
         print(f"{group:<10} {m['candidate_accuracy']:>9.4f} {m.get('unblended_accuracy', float('nan')):>9.4f} "
               f"{m['baseline_accuracy']:>9.4f} {m['transfer_gain']:>+8.4f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Run from the project root:  python -m benchmarks.run [--quick] [--out FILE.json]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -34,6 +33,7 @@ import pandas as pd
 import torch
 import transformers
 
+from benchmarks import write_report
 from stages.backbone import load_encoder, native_bf16_cpu, resolve_backbone, select_device
 from stages.config import Params, load_params
 from stages.extract_features import extract_features
@@ -369,9 +369,7 @@ def main() -> None:
     result["table"] = [dict(zip(("benchmark", "ours", "peer", "peer_is"), row)) for row in table_rows(result)]
     print_table(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
+        write_report(result, args.out)
 
 
 if __name__ == "__main__":

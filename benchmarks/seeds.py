@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from benchmarks import write_report
+
 FIGURES = {  # printed name -> (metrics file, keys into it)
     "test_accuracy": ("metrics/metrics.json", ("test", "candidate_accuracy")),
     "unblended_test_accuracy": ("metrics/metrics.json", ("test", "unblended_accuracy")),
@@ -91,9 +93,7 @@ def main() -> None:
               "runs": runs, **summary(runs)}
     print({k: v for k, v in record.items() if k != "runs"})
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
+        write_report(record, args.out)
 
 
 if __name__ == "__main__":

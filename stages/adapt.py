@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.backbone import load_encoder, select_device
 from stages.config import AdaptConfig, FinetuneConfig, Params, load_params
@@ -24,7 +25,7 @@ from stages.errors import PipelineError
 from stages.evaluate import UNBLENDED, probabilities
 from stages.finetune_loop import train_at_least
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
-from stages.model import ENCODER_DIR, classify, load_head, read_info
+from stages.model import ENCODER_DIR, Head, classify, load_head, read_info
 from stages.plots import plt, save_figure
 from stages.preprocess import HELDOUT, UNLABELED, take_per_class
 from stages.registry import study_run
@@ -63,28 +64,52 @@ def adapt_loop(ft: FinetuneConfig, cfg: AdaptConfig, steps: int) -> FinetuneConf
                                  "learning_rate": cfg.learning_rate, "head_learning_rate_multiplier": 1.0})
 
 
-def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int) -> dict[str, np.ndarray | int]:
-    """Continue training the saved candidate on the shots, then self-train on the pool; probabilities on the
-    scored rows after each step, and how many pool rows were pseudo-labelled."""
-    cfg, ft = params.adapt, params.fine_tune.finetune
+@dataclass
+class Candidate:
+    tokenizer: PreTrainedTokenizerBase
+    encoder: PreTrainedModel
+    head: Head
+    max_length: int
+
+
+def load_candidate(model_dir: Path) -> Candidate:
+    """The model fine_tune saved (its encoder, or the backbone a linear probe names) on the pipeline's device."""
     info = read_info(model_dir)
     encoder_name = str(model_dir / ENCODER_DIR) if (model_dir / ENCODER_DIR).is_dir() else info["backbone"]
     tokenizer, encoder = load_encoder(encoder_name, select_device())
-    head = load_head(model_dir)
-    length, batch = int(info["max_length"]), 2 * ft.batch_size
-    shots = target.shots["text"].tolist(), target.shots["label_id"].to_numpy()
+    return Candidate(tokenizer, encoder, load_head(model_dir), int(info["max_length"]))
+
+
+def train_on_shots(params: Params, model: Candidate, shots: pd.DataFrame, seed: int) -> None:
+    """Few-shot adaptation, in place: `adapt.steps` steps on the labelled target rows."""
+    loop = adapt_loop(params.fine_tune.finetune, params.adapt, params.adapt.steps)
+    train_at_least(model.encoder, model.tokenizer, model.head, loop,
+                   (shots["text"].tolist(), shots["label_id"].to_numpy()), None, seed)
+
+
+def adapted_proba(params: Params, model_dir: Path, target: TargetRows, seed: int) -> dict[str, np.ndarray | int]:
+    """Continue training the saved candidate on the shots, then self-train on the pool; probabilities on the
+    scored rows after each step, and how many pool rows were pseudo-labelled."""
+    cfg, batch = params.adapt, 2 * params.fine_tune.finetune.batch_size
+    model = load_candidate(model_dir)
     scored_texts = target.scored["text"].tolist()
-    train_at_least(encoder, tokenizer, head, adapt_loop(ft, cfg, cfg.steps), shots, None, seed)
-    out: dict[str, np.ndarray | int] = {"shots_only": classify(encoder, tokenizer, head, scored_texts, length, batch),
-                                        "pseudo_labelled": 0}
+
+    def scored_proba() -> np.ndarray:
+        return classify(model.encoder, model.tokenizer, model.head, scored_texts, model.max_length, batch)
+
+    train_on_shots(params, model, target.shots, seed)
+    out: dict[str, np.ndarray | int] = {"shots_only": scored_proba(), "pseudo_labelled": 0}
     if cfg.self_training_steps == 0 or target.pool.empty:
         return out | {"adapted": out["shots_only"]}
-    _, kept = self_train(encoder, tokenizer, head, adapt_loop(ft, cfg, cfg.self_training_steps), shots,
-                         target.pool["text"].tolist(), cfg.self_training_confidence, None, seed, pool_length=length,
+    shots = target.shots["text"].tolist(), target.shots["label_id"].to_numpy()
+    _, kept = self_train(model.encoder, model.tokenizer, model.head,
+                         adapt_loop(params.fine_tune.finetune, cfg, cfg.self_training_steps), shots,
+                         target.pool["text"].tolist(), cfg.self_training_confidence, None, seed,
+                         pool_length=model.max_length,
                          knobs="adapt.self_training_confidence, adapt.unlabeled_fraction, the domain's unlabelled rows")
     if kept == 0:
         return out | {"adapted": out["shots_only"]}
-    return out | {"adapted": classify(encoder, tokenizer, head, scored_texts, length, batch), "pseudo_labelled": kept}
+    return out | {"adapted": scored_proba(), "pseudo_labelled": kept}
 
 
 def accuracy(proba: np.ndarray, y: np.ndarray) -> float:

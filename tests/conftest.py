@@ -123,6 +123,21 @@ def with_blend(params: Params, weights: list[float]) -> Params:
         "blend": ft.blend.model_copy(update={"weights": weights})})})
 
 
+@pytest.fixture
+def trained(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tiny project after fine_tune: splits, a saved candidate (linear probe, blended with the n-gram model)
+    and its predictions."""
+    from stages.fine_tune import fine_tune
+    from stages.io import write_parquet
+
+    splits = tiny_splits[0]
+    predictions, _, _ = fine_tune(with_blend(tiny_params, [0.5]), splits, tiny_features, ["negative", "positive"],
+                                  tiny_params.paths.model)
+    write_parquet(splits, tiny_params.paths.splits)
+    write_parquet(predictions, tiny_params.paths.predictions)
+    return splits, predictions
+
+
 def drop_labels(splits: pd.DataFrame, rows: pd.Index) -> pd.DataFrame:
     """A copy of `splits` where `rows` are unlabelled text, as preprocess keeps a source row with an empty label."""
     from stages.preprocess import UNLABELED

@@ -1,14 +1,19 @@
-"""The helpers behind benchmark figures: the fp32 ceiling, the adaptation ceiling's rows, the seed spread's read-back."""
+"""The helpers behind benchmark figures: the fp32 ceiling, the adaptation ceiling's rows, the seed spread's read-back,
+the adaptation variants' weight mixing."""
 
+import numpy as np
 import torch
 
 from benchmarks.adaptation_ceiling import ceiling_rows, halves, many_labels
+from benchmarks.adaptation_variants import domain_points, interpolate, soup, variant_proba
 from benchmarks.run import linear_flop_per_token
 from benchmarks.seeds import experiments_by_name, figures, summary
-from stages.adapt import TargetRows, adapt_loop
+from stages.adapt import TargetRows, adapt_loop, draw_target
 from stages.backbone import load_encoder
+from stages.config import Params
+from stages.evaluate import UNBLENDED, probabilities
 from stages.finetune_loop import training_epochs
-from tests.conftest import REPO_PARAMS
+from tests.conftest import REPO_PARAMS, SERVED_ATOL
 
 
 def test_linear_flops_count_each_layer_of_the_real_backbone_once() -> None:
@@ -68,3 +73,34 @@ def test_seed_runs_are_read_back_by_name_from_dvc_exp_show() -> None:
     assert runs[1]["blend_weight"] is None  # a metrics file the run did not write reads as missing, not as an error
     assert summary(runs) == {"mean_test_accuracy": 0.865, "std_test_accuracy": 0.005,
                              "mean_unblended_test_accuracy": 0.855, "std_unblended_test_accuracy": 0.005}
+
+
+def test_weight_interpolation_and_soup_average_floats_and_keep_integer_buffers() -> None:
+    start = ({"w": torch.zeros(2), "ids": torch.tensor([0, 1])}, {"b": torch.tensor([1.0])})
+    end = ({"w": torch.ones(2) * 4, "ids": torch.tensor([2, 3])}, {"b": torch.tensor([3.0])})
+    quarter = interpolate(start, end, 0.25)
+    assert torch.equal(quarter[0]["w"], torch.ones(2)) and torch.equal(quarter[1]["b"], torch.tensor([1.5]))
+    assert quarter[0]["ids"].dtype == torch.int64 and torch.equal(quarter[0]["ids"], end[0]["ids"])
+    assert torch.equal(interpolate(start, end, 1.0)[0]["w"], end[0]["w"])
+    mean = soup([start, end])
+    assert torch.equal(mean[0]["w"], torch.full((2,), 2.0)) and torch.equal(mean[1]["b"], torch.tensor([2.0]))
+    assert torch.equal(mean[0]["ids"], end[0]["ids"])
+
+
+def test_adaptation_variants_at_their_end_points_are_the_models_they_mix(tiny_params: Params, trained: tuple) -> None:
+    splits, predictions = trained  # a linear-probe candidate saved by fine_tune, and its probabilities
+    domain = splits[(splits["split"] == "heldout") & (splits["domain"] == "amazon")]
+    target = draw_target(domain, tiny_params.adapt, 0, "amazon")
+    candidate = probabilities(predictions, UNBLENDED)[target.scored.index]
+    proba = variant_proba(tiny_params, target.scored["text"].tolist(), candidate, target.shots, seed=0, runs=2,
+                          alphas=[0.0, 1.0])
+    assert set(proba) == {"shots only", "+ unadapted", "WiSE-FT 0.0", "WiSE-FT 1.0", "soup of 2", "ensemble of 2"}
+    assert np.allclose(proba["WiSE-FT 0.0"], candidate, atol=SERVED_ATOL)  # the candidate's own weights
+    assert np.allclose(proba["WiSE-FT 1.0"], proba["shots only"], atol=1e-5)  # run 0's weights
+    assert not np.allclose(proba["shots only"], candidate, atol=1e-3)  # adaptation moved the model
+    assert np.allclose(proba["+ unadapted"], (proba["shots only"] + candidate) / 2)
+    points = domain_points(tiny_params, "amazon", domain, probabilities(predictions, UNBLENDED), 0, 1, [0.5])
+    assert [p["variant"] for p in points] == ["unadapted", "shots only", "+ unadapted", "WiSE-FT 0.5"]
+    half_a = halves(target.scored, 0)[1]  # the scored half of adaptation_ceiling's split
+    unadapted = probabilities(predictions, UNBLENDED)[half_a.index].argmax(axis=1)
+    assert points[0]["half_a"] == float((unadapted == half_a["label_id"].to_numpy()).mean())

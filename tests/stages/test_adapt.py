@@ -16,24 +16,10 @@ from stages.adapt import (
 )
 from stages.config import Params
 from stages.errors import PipelineError
-from stages.fine_tune import fine_tune
-from stages.io import read_json, write_parquet
+from stages.io import read_json
 from stages.registry import tracking_uri
 from stages.self_training import pseudo_label
-from tests.conftest import drop_labels, registry_client, with_blend
-
-LABELS = ["negative", "positive"]
-
-
-@pytest.fixture
-def trained(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tiny project after fine_tune: splits, a saved candidate (linear probe, blended with the n-gram model)
-    and its predictions."""
-    splits = tiny_splits[0]
-    predictions, _, _ = fine_tune(with_blend(tiny_params, [0.5]), splits, tiny_features, LABELS, tiny_params.paths.model)
-    write_parquet(splits, tiny_params.paths.splits)
-    write_parquet(predictions, tiny_params.paths.predictions)
-    return splits, predictions
+from tests.conftest import drop_labels, registry_client
 
 
 def test_shots_pool_and_scored_rows_never_overlap(tiny_params: Params, tiny_splits: tuple) -> None:

@@ -62,21 +62,29 @@ def soup(runs: list[Weights]) -> Weights:
 
 def variant_proba(params: Params, scored: list[str], unadapted: np.ndarray, shots: pd.DataFrame, seed: int,
                   runs: int, alphas: list[float]) -> dict[str, np.ndarray]:
-    """Each variant's class probabilities on `scored`. Run k trains with seed + 1000 k, so run 0 is adapt's."""
+    """Each variant's class probabilities on `scored`. Run k trains with seed + 1000 k, so run 0 is adapt's; every
+    run starts from the candidate's weights, loaded once."""
     batch = 2 * params.fine_tune.finetune.batch_size
-    trained, proba = [], []
-    for k in range(runs):
-        model = load_candidate(params.paths.model)
-        if k == 0:
-            start = weights_of(model)
-        train_on_shots(params, model, shots, seed + 1000 * k)
-        trained.append(weights_of(model))
-        proba.append(classify(model.encoder, model.tokenizer, model.head, scored, model.max_length, batch))
+    model = load_candidate(params.paths.model)
+    start = weights_of(model)
 
-    def with_weights(weights: Weights) -> np.ndarray:
+    def load(weights: Weights) -> None:
         model.encoder.load_state_dict(weights[0])
         model.head.load_state_dict(weights[1])
+
+    def scored_proba() -> np.ndarray:
         return classify(model.encoder, model.tokenizer, model.head, scored, model.max_length, batch)
+
+    def with_weights(weights: Weights) -> np.ndarray:
+        load(weights)
+        return scored_proba()
+
+    trained, proba = [], []
+    for k in range(runs):
+        load(start)
+        train_on_shots(params, model, shots, seed + 1000 * k)
+        trained.append(weights_of(model))
+        proba.append(scored_proba())
 
     out = {"shots only": proba[0], "+ unadapted": (proba[0] + unadapted) / 2}
     out |= {f"WiSE-FT {alpha}": with_weights(interpolate(start, trained[0], alpha)) for alpha in alphas}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ SKIPPED_MARKS = ("didn't change, skipping", "is cached - skipping run")
 USER_ERROR_EXIT = 2  # stages exit 2 on bad input or params: retrying cannot help
 TIMEOUT_EXIT = 124
 GRACE_S = 60  # Prefect's own timeout fires only if stopping the stage itself hangs
+STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # DVC's StageCmdFailedError; dvc itself exits 255
 
 
 class StageFailed(RuntimeError):
@@ -42,6 +44,12 @@ def retryable(task: Task, task_run: object, state: object) -> bool:
     except Exception:  # noqa: BLE001 - a state without a stored exception: let the retry policy decide
         return True
     return not (isinstance(error, StageFailed) and error.returncode == USER_ERROR_EXIT)
+
+
+def stage_exit_code(output: str, dvc_returncode: int) -> int:
+    """The stage command's own exit status, which `dvc repro` reports in its message and replaces with 255."""
+    found = STAGE_EXIT.findall(output)
+    return int(found[-1]) if found else dvc_returncode
 
 
 def stage_env() -> dict[str, str]:
@@ -85,7 +93,8 @@ def reproduce(name: str, root: str, timeout_s: float | None = None) -> dict[str,
                           "in dvc.yaml) and was stopped", TIMEOUT_EXIT) from None
     output = output.strip()
     if process.returncode != 0:
-        raise StageFailed(f"stage {name} failed (exit {process.returncode}):\n{output[-4000:]}", process.returncode)
+        code = stage_exit_code(output, process.returncode)
+        raise StageFailed(f"stage {name} failed (exit {code}):\n{output[-4000:]}", code)
     skipped = any(mark in output for mark in SKIPPED_MARKS)
     logger.info("%s: %s\n%s", name, "up to date, skipped" if skipped else "reproduced", output[-2000:])
     return {"stage": name, "skipped": skipped}

@@ -104,6 +104,17 @@ def test_a_failing_stage_fails_the_flow(prefect_server: str, tmp_path: Path) -> 
     assert "preprocess.train_domains names ['films']" in result.stdout + result.stderr
 
 
+def test_a_user_error_is_not_retried(prefect_server: str, tmp_path: Path) -> None:
+    """ingest has retries for I/O trouble; a missing column fails it the same way every time, so it runs once."""
+    root = make_project(tmp_path / "bad-column", {"data": {"text_column": "review"}})
+    result = _flow(root, prefect_server)
+    assert result.returncode != 0
+    assert "column 'review' (from data.text_column) not found" in result.stdout + result.stderr
+    (flow_run,) = [r for r in _post(prefect_server, "flow_runs/filter", {}) if r["parameters"]["root"] == str(root)]
+    (ingest,) = _post(prefect_server, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    assert ingest["name"] == "ingest" and ingest["run_count"] == 1 and ingest["state_type"] == "FAILED"
+
+
 def test_deployment_declares_cron_schedule_on_the_gpu_pool(prefect_server: str, tmp_path: Path) -> None:
     root = make_project(tmp_path / "deploy")
     env = project_env(root) | {"PREFECT_API_URL": prefect_server, "PIPELINE_PROJECT_DIR": str(root)}

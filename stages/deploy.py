@@ -1,4 +1,8 @@
-"""deploy: serve `@champion` with MLflow's scoring server on loopback, smoke-test it, roll back on failure."""
+"""deploy: serve `@champion` with MLflow's scoring server on loopback, smoke-test it, roll back on failure.
+
+Only the model's own failures roll `@champion` back: a server that exits while loading it or answers wrongly. A
+server still starting after `deploy.startup_timeout_s`, or a `deploy.port` already taken, leaves the aliases alone
+and exits 1, so the stage is retried (Prefect) or rerun (`dvc repro`) against the same champion."""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ from datetime import UTC, datetime
 import requests
 
 from stages.config import DeployConfig, load_params
-from stages.errors import PipelineError
+from stages.errors import PipelineError, RetryableError
 from stages.io import log, read_json, remove_outputs, run_main, write_json
 from stages.registry import CHAMPION, alias_version, configure_mlflow, rollback, tracking_uri
-from stages.service import background_service, free_port
+from stages.service import background_service, free_port, port_is_free
 
 
 def serve_command(model_uri: str, host: str, port: int) -> list[str]:
@@ -50,12 +54,17 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
         return record | {"status": "no_champion", "detail": "no version holds @champion yet; nothing to serve"}
     uri = f"models:/{name}@{CHAMPION}"
     port = cfg.port or free_port(cfg.host)
+    if not port_is_free(cfg.host, port):
+        return record | {"status": "unavailable", "error": f"deploy.port {port} on {cfg.host} is already in use; "
+                         "free it or set deploy.port: 0 for any free port", "champion_after": champion}
     try:
         env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri(), "HF_HUB_OFFLINE": "1"}
         url = f"http://{cfg.host}:{port}"
         with background_service("mlflow models serve", serve_command(uri, cfg.host, port), f"{url}/ping",
                                 timeout_s=cfg.startup_timeout_s, env=env):
             smoke = smoke_test(url, cfg.smoke_texts)
+    except RetryableError as error:
+        return record | {"status": "unavailable", "error": str(error)[-2000:], "champion_after": champion}
     except (PipelineError, requests.RequestException, KeyError, ValueError) as error:
         promoted_now = registry["decision"] == "promoted" and registry["version"] == champion
         if promoted_now:
@@ -73,6 +82,9 @@ def main() -> None:
     record = deploy(params.deploy, registry)
     write_json(record, params.paths.deployment)
     log.info("deploy: %s (champion %s)", record["status"], record["champion"])
+    if record["status"] == "unavailable":
+        raise RetryableError(f"deploy: could not serve {record['model_name']}@champion (version {record['champion']}, "
+                             f"left as champion): {record['error'][:500]}; see {params.paths.deployment}")
     if record["status"] in {"failed", "rolled_back"}:
         raise PipelineError(f"deploy: smoke test of {record['model_name']}@champion failed, status "
                             f"{record['status']}; see {params.paths.deployment}")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, RetryableError
 
 log = logging.getLogger("stages")
 
@@ -86,11 +86,14 @@ def remove_outputs(*paths: Path) -> None:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a stage's main(): user errors print one clear message and exit 2."""
+    """Run a stage's main(): user errors print one clear message and exit 2 (1 when a retry may help)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.update(offline_env(dict(os.environ)))
     try:
         main()
+    except RetryableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -13,13 +13,22 @@ from contextlib import contextmanager
 
 import requests
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, RetryableError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _answers(url: str) -> bool:
@@ -42,13 +51,14 @@ def stop(process: subprocess.Popen) -> None:
 @contextmanager
 def background_service(name: str, cmd: list[str], health_url: str, *, timeout_s: float,
                        env: dict[str, str] | None = None, cwd: str | None = None) -> Iterator[subprocess.Popen]:
-    """Start `cmd`, wait until GET `health_url` answers 200, yield the process; the error carries the server's log."""
+    """Start `cmd`, wait until GET `health_url` answers 200, yield the process; the error carries the server's log
+    and is a RetryableError when the server was only slow (still running at `timeout_s`)."""
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-        def fail(why: str) -> PipelineError:
+        def fail(why: str, error: type[PipelineError] = PipelineError) -> PipelineError:
             log.seek(0)
-            return PipelineError(f"{name} {why}; its log ends:\n{log.read()[-3000:]}")
+            return error(f"{name} {why}; its log ends:\n{log.read()[-3000:]}")
 
         try:
             deadline = time.monotonic() + timeout_s
@@ -56,7 +66,7 @@ def background_service(name: str, cmd: list[str], health_url: str, *, timeout_s:
                 if process.poll() is not None:
                     raise fail(f"exited with {process.returncode} before answering {health_url}")
                 if time.monotonic() > deadline:
-                    raise fail(f"did not answer {health_url} within {timeout_s} s")
+                    raise fail(f"did not answer {health_url} within {timeout_s} s", RetryableError)
                 time.sleep(0.5)
             yield process
         finally:

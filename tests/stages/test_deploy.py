@@ -1,10 +1,13 @@
 """deploy: the real scoring server, a smoke test over HTTP, and the alias rollback when it fails."""
 
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
 import requests
+from mlflow import MlflowClient
 
 from stages.deploy import smoke_test
 from stages.io import read_json
@@ -23,12 +26,18 @@ def test_deploy_record_of_a_good_run(pipeline_project: Path) -> None:
     assert len(record["smoke"]["predictions"]) == 2 and record["smoke"]["latency_ms"] > 0
 
 
-def test_failed_smoke_test_rolls_the_champion_back(fresh_registry: Path) -> None:
-    root = fresh_registry
-    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+def _registered(root: Path) -> tuple[MlflowClient, str]:
+    """Register the copy's candidate as version 1, promoted to @champion by the empty registry."""
     run([sys.executable, "-m", "stages.register"], root)
-    name = read_json(root / "reports/registry.json")["model_name"]
-    set_param(root, "deploy", "startup_timeout_s", 0.001)  # the real server cannot answer in time
+    registry = read_json(root / "reports/registry.json")
+    assert registry["decision"] == "promoted" and str(registry["version"]) == "1"
+    return registry_client(f"sqlite:///{root / 'mlflow.db'}"), registry["model_name"]
+
+
+def test_a_model_that_cannot_load_rolls_the_champion_back(fresh_registry: Path) -> None:
+    root = fresh_registry
+    client, name = _registered(root)
+    (Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path)) / "MLmodel").unlink()
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
     assert result.returncode == 2 and "smoke test" in result.stderr
     record = read_json(root / "reports/deployment.json")
@@ -36,3 +45,27 @@ def test_failed_smoke_test_rolls_the_champion_back(fresh_registry: Path) -> None
     assert "champion" not in client.get_registered_model(name).aliases
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
     assert "deploy.rolled_back" in client.get_model_version(name, "1").tags
+
+
+def _assert_unavailable_keeps_champion(root: Path, client: MlflowClient, name: str, why: str) -> None:
+    result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
+    assert result.returncode == 1 and "left as champion" in result.stderr and why in result.stderr
+    record = read_json(root / "reports/deployment.json")
+    assert record["status"] == "unavailable" and str(record["champion_after"]) == "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert "deploy.rolled_back" not in client.get_model_version(name, "1").tags
+
+
+def test_a_server_slow_to_start_is_retryable_and_keeps_the_champion(fresh_registry: Path) -> None:
+    client, name = _registered(fresh_registry)
+    set_param(fresh_registry, "deploy", "startup_timeout_s", 0.001)  # the real server cannot answer in time
+    _assert_unavailable_keeps_champion(fresh_registry, client, name, "did not answer")
+
+
+def test_a_port_in_use_is_retryable_and_keeps_the_champion(fresh_registry: Path) -> None:
+    client, name = _registered(fresh_registry)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        set_param(fresh_registry, "deploy", "port", taken.getsockname()[1])
+        _assert_unavailable_keeps_champion(fresh_registry, client, name, "already in use")

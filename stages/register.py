@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from importlib.metadata import version as package_version
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from safetensors.numpy import load_file, save_file
 
 from stages.backbone import resolve_backbone
 from stages.config import Params, load_params
 from stages.errors import PipelineError
+from stages.evaluate import probabilities
 from stages.io import log, read_json, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, read_info
 from stages.ngram import UNBLENDED
 from stages.registry import (
     CHAMPION,
+    ChampionScore,
     alias_version,
     apply_decision,
     configure_mlflow,
@@ -28,9 +34,11 @@ from stages.registry import (
     dvc_hashes,
     git_commit,
     orchestration_tags,
+    text_fingerprints,
 )
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+SEEN_TEXTS = "seen_texts.safetensors"  # fingerprints of the texts outside the test split, logged with each run
 RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pandas", "numpy", "scikit-learn", "mlflow")
 
 
@@ -61,8 +69,34 @@ def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.
         input_example=pd.DataFrame({"text": example}), pip_requirements=requirements)
 
 
-def champion_accuracy(name: str, version: str | None, test: pd.DataFrame) -> float | None:
-    """The current champion re-scored on this run's test split, so the comparison is like for like."""
+def seen_fingerprints(splits: pd.DataFrame) -> np.ndarray:
+    """The texts of every row outside the test split (trained on, validated on, self-trained on or held out)."""
+    return np.unique(text_fingerprints(splits.loc[splits["split"] != "test", "text"]))
+
+
+def log_seen_texts(splits: pd.DataFrame, folder: Path) -> None:
+    path = folder / SEEN_TEXTS
+    save_file({"sha256_64": seen_fingerprints(splits)}, str(path))
+    mlflow.log_artifact(str(path), artifact_path="reports")
+
+
+def champion_seen_texts(client: MlflowClient, name: str, version: str, folder: Path) -> np.ndarray | None:
+    """The fingerprints register logged with the champion's run; None for a version registered without them."""
+    run_id = client.get_model_version(name, version).run_id
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"reports/{SEEN_TEXTS}",
+                                                   dst_path=str(folder))
+    except (MlflowException, OSError):
+        log.warning("register: champion version %s has no reports/%s in run %s: it is compared on the whole test "
+                    "split, some of which it may have trained on", version, SEEN_TEXTS, run_id)
+        return None
+    return load_file(path)["sha256_64"]
+
+
+def champion_score(client: MlflowClient, name: str, version: str | None, test: pd.DataFrame,
+                   candidate_correct: np.ndarray, folder: Path) -> ChampionScore | None:
+    """The current champion re-scored on this run's test rows that it never trained on, next to the candidate on
+    the same rows, so the comparison is like for like even when the split changed since the champion's run."""
     if version is None:
         return None
     try:
@@ -73,8 +107,16 @@ def champion_accuracy(name: str, version: str | None, test: pd.DataFrame) -> flo
             f"({type(error).__name__}: {error}), so it cannot be re-scored for the gate; point the alias at a version "
             f"that loads (MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, <version>)) or delete "
             f"the alias to let this candidate become the first champion") from error
-    predicted = champion.predict(pd.DataFrame({"text": test["text"].tolist()}))["label"].to_numpy()
-    return float(np.mean(predicted == test["label"].to_numpy()))
+    seen = champion_seen_texts(client, name, version, folder)
+    new = (np.ones(len(test), dtype=bool) if seen is None else
+           ~np.isin(text_fingerprints(test["text"]), seen))
+    if not new.any():
+        return ChampionScore(None, None, 0, len(test))
+    texts = test.loc[new, "text"].tolist()
+    predicted = champion.predict(pd.DataFrame({"text": texts}))["label"].to_numpy()
+    return ChampionScore(accuracy=float(np.mean(predicted == test.loc[new, "label"].to_numpy())),
+                         candidate_accuracy=float(candidate_correct[new].mean()), rows=int(new.sum()),
+                         of_rows=len(test))
 
 
 def lineage(params: Params) -> dict[str, str]:
@@ -104,9 +146,13 @@ def register(params: Params) -> dict:
         # Everything that can fail comes before the registry is touched, so a retry never leaves a stray version.
         previous = alias_version(client, cfg.model_name, CHAMPION)
         candidate = evaluation["test"]["candidate"]
-        champ_acc = champion_accuracy(cfg.model_name, previous, test)
+        predicted = probabilities(pd.read_parquet(paths.predictions), "candidate")[test.index].argmax(axis=1)
+        with tempfile.TemporaryDirectory() as folder:
+            champion = champion_score(client, cfg.model_name, previous, test,
+                                      predicted == test["label_id"].to_numpy(), Path(folder))
+            log_seen_texts(splits, Path(folder))
         blended = read_info(paths.model).get("ngram_weight", 0) > 0
-        decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champ_acc, cfg,
+        decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champion, cfg,
                           transfer_accuracy=evaluation["test"][UNBLENDED]["accuracy"] if blended else None)
         info = log_model(paths.model, labels, test["text"].head(3).tolist())
         tags = lineage(params) | {"run_id": run.info.run_id}
@@ -120,7 +166,10 @@ def register(params: Params) -> dict:
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "decision": "promoted" if decision.promote else "rejected", "reasons": decision.reasons,
         "candidate_accuracy": candidate["accuracy"], "baseline_accuracy": evaluation["test"]["baseline"]["accuracy"],
-        "champion_accuracy": champ_acc, "previous_champion": previous,
+        "champion_accuracy": champion and champion.accuracy,
+        "champion_compared_on": champion and {"rows": champion.rows, "of_test_rows": champion.of_rows,
+                                              "candidate_accuracy": champion.candidate_accuracy},
+        "previous_champion": previous,
         "champion": alias_version(client, cfg.model_name, CHAMPION),
     }
 

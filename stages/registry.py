@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -79,11 +81,42 @@ class Decision:
         return asdict(self)
 
 
-def decide(candidate: dict[str, float], baseline_accuracy: float, champion_accuracy: float | None,
+@dataclass
+class ChampionScore:
+    """Champion and candidate accuracy on the test rows the champion never saw in training (`rows` of `of_rows`: a
+    champion trained on another split may have trained on some of this split's test rows)."""
+    accuracy: float | None      # None when no test row is new to the champion
+    candidate_accuracy: float | None
+    rows: int
+    of_rows: int
+
+
+def text_fingerprints(texts: Iterable[str]) -> np.ndarray:
+    """The first 8 bytes of each text's SHA-256, as uint64: which texts a model saw, without storing the texts."""
+    return np.array([int.from_bytes(hashlib.sha256(t.encode("utf-8")).digest()[:8], "little") for t in texts],
+                    dtype=np.uint64)
+
+
+def champion_check(champion: ChampionScore, cfg: RegisterConfig) -> tuple[bool, str]:
+    if champion.accuracy is None or champion.candidate_accuracy is None:
+        return False, (f"gain over champion: none of the {champion.of_rows} test rows is new to the champion (it "
+                       "trained on them), so the two cannot be compared; move @champion by hand if this candidate "
+                       "should replace it")
+    gain = champion.candidate_accuracy - champion.accuracy
+    rows = ("the same test set" if champion.rows == champion.of_rows else
+            f"the {champion.rows} of {champion.of_rows} test rows the champion never trained on")
+    return gain > cfg.min_gain_over_champion, (
+        f"gain over champion {gain:+.4f} (champion {champion.accuracy:.4f}, candidate "
+        f"{champion.candidate_accuracy:.4f} on {rows}) must exceed register.min_gain_over_champion "
+        f"{cfg.min_gain_over_champion}")
+
+
+def decide(candidate: dict[str, float], baseline_accuracy: float, champion: ChampionScore | None,
            cfg: RegisterConfig, transfer_accuracy: float | None = None) -> Decision:
-    """The promotion gate: thresholds, then beat the no-transfer baseline, then beat the champion. The baseline
-    check takes `transfer_accuracy`, the transferred model's before fine_tune.blend mixed the baseline in (default:
-    the candidate's), so that a blend cannot carry a transfer that lost to the baseline."""
+    """The promotion gate: thresholds, then beat the no-transfer baseline, then beat the champion on test rows it
+    never trained on. The baseline check takes `transfer_accuracy`, the transferred model's before fine_tune.blend
+    mixed the baseline in (default: the candidate's), so that a blend cannot carry a transfer that lost to the
+    baseline."""
     reasons, ok = [], True
     transfer = candidate["accuracy"] if transfer_accuracy is None else transfer_accuracy
     before_blend = "" if transfer_accuracy is None else " (before the n-gram blend)"
@@ -96,11 +129,8 @@ def decide(candidate: dict[str, float], baseline_accuracy: float, champion_accur
          (f"gain over baseline{before_blend} {transfer - baseline_accuracy:+.4f} must exceed "
           f"register.min_gain_over_baseline {cfg.min_gain_over_baseline}")),
     ]
-    if champion_accuracy is not None:
-        checks.append((candidate["accuracy"] - champion_accuracy > cfg.min_gain_over_champion,
-                       (f"gain over champion {candidate['accuracy'] - champion_accuracy:+.4f} (champion "
-                        f"{champion_accuracy:.4f} on the same test set) must exceed register.min_gain_over_champion "
-                        f"{cfg.min_gain_over_champion}")))
+    if champion is not None:
+        checks.append(champion_check(champion, cfg))
     else:
         reasons.append("no champion yet")
     for passed, text in checks:

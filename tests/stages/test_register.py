@@ -1,10 +1,12 @@
+import hashlib
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from stages.io import read_json
-from stages.registry import decide
+from stages.registry import ChampionScore, decide, text_fingerprints
 from tests.conftest import registry_client, repo_cfg, run, set_param
 
 CANDIDATE = {"accuracy": 0.80, "macro_f1": 0.79}
@@ -15,14 +17,19 @@ def gate(**thresholds: float) -> object:
     return repo_cfg("register", **(NO_THRESHOLDS | thresholds))
 
 
+def scored(champion: float | None) -> ChampionScore | None:
+    """A champion scored on the same 1,000 test rows as CANDIDATE."""
+    return None if champion is None else ChampionScore(champion, CANDIDATE["accuracy"], 1000, 1000)
+
+
 def test_gate_promotes_only_a_candidate_that_beats_everything() -> None:
     cfg = gate(min_accuracy=0.7, min_macro_f1=0.7)
-    assert decide(CANDIDATE, baseline_accuracy=0.75, champion_accuracy=None, cfg=cfg).promote
-    assert decide(CANDIDATE, baseline_accuracy=0.75, champion_accuracy=0.78, cfg=cfg).promote
+    assert decide(CANDIDATE, baseline_accuracy=0.75, champion=None, cfg=cfg).promote
+    assert decide(CANDIDATE, baseline_accuracy=0.75, champion=scored(0.78), cfg=cfg).promote
 
 
 def test_a_blend_cannot_carry_a_transferred_model_that_lost_to_the_baseline() -> None:
-    decision = decide(CANDIDATE, baseline_accuracy=0.78, champion_accuracy=None, cfg=gate(), transfer_accuracy=0.77)
+    decision = decide(CANDIDATE, baseline_accuracy=0.78, champion=None, cfg=gate(), transfer_accuracy=0.77)
     assert not decision.promote  # the blended candidate (0.80) beats the baseline, the transfer alone (0.77) does not
     assert "FAIL: gain over baseline (before the n-gram blend) -0.0100" in decision.reasons[-1]
 
@@ -34,9 +41,25 @@ def test_a_blend_cannot_carry_a_transferred_model_that_lost_to_the_baseline() ->
     (0.70, 0.70, gate(min_gain_over_champion=0.2), "register.min_gain_over_champion"),
 ])
 def test_gate_rejects_and_says_why(baseline: float, champion: float | None, cfg: object, failed: str) -> None:
-    decision = decide(CANDIDATE, baseline, champion, cfg)
+    decision = decide(CANDIDATE, baseline, scored(champion), cfg)
     assert not decision.promote
     assert any(r.startswith("FAIL") and failed in r for r in decision.reasons)
+
+
+def test_the_champion_is_compared_on_rows_it_never_trained_on() -> None:
+    # the candidate scores 0.80 on the whole test split, but only 0.70 on the rows new to the champion
+    decision = decide(CANDIDATE, 0.7, ChampionScore(0.72, 0.70, 300, 1000), gate())
+    assert not decision.promote
+    assert "FAIL: gain over champion -0.0200 (champion 0.7200, candidate 0.7000 on the 300 of 1000 test rows the " \
+           "champion never trained on)" in decision.reasons[-1]
+    nothing_new = decide(CANDIDATE, 0.7, ChampionScore(None, None, 0, 1000), gate())
+    assert not nothing_new.promote and "none of the 1000 test rows is new to the champion" in nothing_new.reasons[-1]
+
+
+def test_text_fingerprints_are_stable_and_distinct() -> None:
+    prints = text_fingerprints(["a film", "a film", "a Film", ""])
+    assert prints.dtype.name == "uint64" and prints[0] == prints[1] and len(set(prints.tolist())) == 3
+    assert int(prints[0]) == int.from_bytes(hashlib.sha256(b"a film").digest()[:8], "little")
 
 
 def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
@@ -55,6 +78,9 @@ def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     assert second["decision"] == "rejected" and second["champion_accuracy"] is not None
     # the champion, loaded through MLflow's pyfunc (blend included), scores what evaluate scored
     assert second["champion_accuracy"] == first["candidate_accuracy"]
+    same_split = second["champion_compared_on"]  # nothing changed the split, so every test row is new to it
+    assert same_split["rows"] == same_split["of_test_rows"] and same_split["candidate_accuracy"] == pytest.approx(
+        second["candidate_accuracy"])
     assert any("gain over baseline (before the n-gram blend)" in r for r in second["reasons"])
     assert any(r.startswith("FAIL: gain over champion") for r in second["reasons"])
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
@@ -74,6 +100,28 @@ def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     training = read_json(root / "metrics/training.json")
     assert run_data.metrics["train.probe_val_accuracy"] == pytest.approx(training["probe_val_accuracy"])
     assert run_data.params["fine_tune.strategy"] == "linear_probe"
+
+
+def test_a_new_split_compares_the_champion_only_on_rows_new_to_it(fresh_registry: Path, tmp_path: Path) -> None:
+    """After the split changes, some of the new test rows were the champion's training rows: they do not count."""
+    root = fresh_registry
+    run([sys.executable, "-m", "stages.register"], root)
+    old = pd.read_parquet(root / "data/processed/splits.parquet")
+    set_param(root, "preprocess", "seed", 1)
+    run([sys.executable, "-m", "dvc", "repro", "register"], root)
+    new = pd.read_parquet(root / "data/processed/splits.parquet")
+    test = new[new["split"] == "test"]
+    unseen = ~test["text"].isin(old.loc[old["split"] != "test", "text"])
+    record = read_json(root / "reports/registry.json")
+    assert record["previous_champion"] == "1" and record["version"] == "2"
+    compared = record["champion_compared_on"]
+    assert 0 < compared["rows"] == int(unseen.sum()) < compared["of_test_rows"] == len(test)
+    assert any(f"on the {compared['rows']} of {len(test)} test rows the champion never trained on" in r
+               for r in record["reasons"])
+    predictions = pd.read_parquet(root / "models/predictions.parquet")
+    candidate = predictions.loc[test.index[unseen.to_numpy()], ["candidate_p0", "candidate_p1"]].to_numpy()
+    labels = test.loc[unseen, "label_id"].to_numpy()
+    assert compared["candidate_accuracy"] == pytest.approx(float((candidate.argmax(axis=1) == labels).mean()))
 
 
 def test_a_champion_that_no_longer_loads_is_a_clear_error(fresh_registry: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -89,6 +90,9 @@ def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(): user errors print one clear message and exit 2 (1 when a retry may help)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.update(offline_env(dict(os.environ)))
+    # A stage stopped by a timeout (Prefect's, or `kill`) unwinds like an error, so atomic_path removes its
+    # half-written temporary output; Python's default SIGTERM would end the process without running any `finally`.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         main()
     except RetryableError as error:

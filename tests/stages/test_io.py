@@ -1,0 +1,46 @@
+"""stages.io: outputs appear whole or not at all, also when a stage is stopped mid-write."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.io import atomic_path, write_json
+from tests.conftest import ROOT
+
+STOPPED_MID_WRITE = """
+import sys, time
+from pathlib import Path
+from stages.io import atomic_path, run_main
+
+def main():
+    with atomic_path(Path(sys.argv[1])) as tmp:
+        tmp.mkdir()
+        (tmp / "part.bin").write_bytes(b"x" * 1000)
+        print("writing", flush=True)
+        time.sleep(60)
+
+run_main(main)
+"""
+
+
+def test_a_failed_write_leaves_neither_output_nor_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    write_json({"old": 1}, target)
+    with pytest.raises(ValueError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise ValueError("disk trouble")
+    assert target.read_text() == '{\n  "old": 1\n}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_a_stage_stopped_by_sigterm_removes_its_temporary_output(tmp_path: Path) -> None:
+    target = tmp_path / "features"
+    process = subprocess.Popen([sys.executable, "-c", STOPPED_MID_WRITE, str(target)], cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".features.")  # the write is under way
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -220,7 +220,10 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     if not path.is_file():
         raise PipelineError(f"{path} not found: run from the project root or pass the params file")
     with path.open(encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle) or {}
+        try:
+            raw = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise PipelineError(f"{path} is not valid YAML: {error}") from None
     try:
         return Params.model_validate(raw)
     except ValidationError as error:

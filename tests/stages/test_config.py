@@ -44,6 +44,13 @@ def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
         load_params(tmp_path / "params.yaml")
 
 
+def test_params_that_are_not_yaml_are_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("  seed: 0", "  seed: [0", 1))
+    with pytest.raises(PipelineError, match=rf"(?s){path} is not valid YAML: .*line \d+"):
+        load_params(path)
+
+
 def test_rows_held_back_as_unlabelled_text_need_self_training(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="adapt: .*unlabeled_fraction > 0 .* only self_training_steps > 0 uses"):
         load_params(_params_with(tmp_path, "adapt", "unlabeled_fraction", 0.5))

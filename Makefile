@@ -3,10 +3,11 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-export HF_HUB_OFFLINE := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export DO_NOT_TRACK := true
+# Offline and quiet unless the caller's environment says otherwise (HF_HUB_OFFLINE=0 make pipeline: hub backbones).
+export HF_HUB_OFFLINE ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
 
 .PHONY: setup data pipeline studies flow stack test bench clean
 

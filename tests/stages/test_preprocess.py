@@ -97,3 +97,11 @@ def test_leakage_check_catches_shared_text() -> None:
 def test_too_small_to_stratify(tiny_frame: pd.DataFrame) -> None:
     with pytest.raises(PipelineError, match="too few rows"):
         preprocess(tiny_frame.head(3), repo_cfg("preprocess", train_domains=None))
+
+
+def test_an_id_column_as_label_gets_a_short_error_that_says_so(tiny_frame: pd.DataFrame) -> None:
+    frame = tiny_frame.assign(label=[f"row-{i}" for i in range(len(tiny_frame))])
+    with pytest.raises(PipelineError, match=r"too few rows .*\(\d+ labels in \d+ rows, the rarest .* is "
+                                            r"data.label_column an id or text column\?\)") as error:
+        preprocess(frame, repo_cfg("preprocess", train_domains=None))
+    assert len(str(error.value)) < 600

@@ -28,7 +28,8 @@ SKIPPED_MARKS = ("didn't change, skipping", "is cached - skipping run")
 USER_ERROR_EXIT = 2  # stages exit 2 on bad input or params: retrying cannot help
 TIMEOUT_EXIT = 124
 GRACE_S = 60  # Prefect's own timeout fires only if stopping the stage itself hangs
-STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # DVC's StageCmdFailedError; dvc itself exits 255
+# DVC's StageCmdFailedError quotes the command verbatim (several lines for a `cmd: |` block); dvc itself exits 255
+STAGE_EXIT = re.compile(r"failed to run: .*?, exited with (-?\d+)", re.DOTALL)
 
 
 class StageFailed(RuntimeError):

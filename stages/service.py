@@ -23,7 +23,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Could a server bind `port` now? (SO_REUSEADDR, as uvicorn binds: a port in TIME_WAIT counts as free.)"""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -52,13 +54,16 @@ def stop(process: subprocess.Popen) -> None:
 def background_service(name: str, cmd: list[str], health_url: str, *, timeout_s: float,
                        env: dict[str, str] | None = None, cwd: str | None = None) -> Iterator[subprocess.Popen]:
     """Start `cmd`, wait until GET `health_url` answers 200, yield the process; the error carries the server's log
-    and is a RetryableError when the server was only slow (still running at `timeout_s`)."""
+    and is a RetryableError when the server was only slow (still running at `timeout_s`) or found its port taken."""
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def fail(why: str, error: type[PipelineError] = PipelineError) -> PipelineError:
             log.seek(0)
-            return error(f"{name} {why}; its log ends:\n{log.read()[-3000:]}")
+            text = log.read()
+            if "address already in use" in text.lower():  # another process took the port: not the server's fault
+                error = RetryableError
+            return error(f"{name} {why}; its log ends:\n{text[-3000:]}")
 
         try:
             deadline = time.monotonic() + timeout_s

@@ -13,7 +13,7 @@ import yaml
 
 from flows import stack
 from flows.dag import read_dag
-from flows.pipeline import up_to_date
+from flows.pipeline import stage_exit_code, up_to_date
 from tests.conftest import ROOT, make_project, project_env, registry_client, run
 
 pytestmark = pytest.mark.e2e
@@ -36,6 +36,20 @@ def _stale(root: Path) -> tuple[set[str], set[str]]:
            for name in names}
     return ({name for name in names if not up_to_date(name, str(root))},
             {name for name, output in dry.items() if "didn't change, skipping" not in output})
+
+
+@pytest.mark.parametrize("cmd", ['python -c "import sys; sys.exit(2)"',
+                                 '|\n      python -c "print(1)"\n      python -c "import sys; sys.exit(2)"'])
+def test_the_stage_exit_code_is_read_from_dvc_repro(tmp_path: Path, cmd: str) -> None:
+    """dvc exits 255 whatever the stage's own exit code; the flow's retry rule needs the stage's (2: user error)."""
+    run(["git", "init", "-q"], tmp_path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    (tmp_path / "dvc.yaml").write_text(f"stages:\n  bad:\n    cmd: {cmd}\n")
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "bad"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 255
+    assert stage_exit_code(result.stdout + result.stderr, result.returncode) == 2
+    assert stage_exit_code("ERROR: unexpected error - no such file", 255) == 255
 
 
 def test_the_flow_skips_exactly_what_dvc_repro_skips(pipeline_project: Path, tmp_path: Path) -> None:

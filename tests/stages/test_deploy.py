@@ -10,8 +10,9 @@ import requests
 from mlflow import MlflowClient
 
 from stages.deploy import smoke_test
+from stages.errors import RetryableError
 from stages.io import read_json
-from stages.service import free_port
+from stages.service import background_service, free_port
 from tests.conftest import registry_client, run, set_param
 
 
@@ -69,3 +70,14 @@ def test_a_port_in_use_is_retryable_and_keeps_the_champion(fresh_registry: Path)
         taken.listen()
         set_param(fresh_registry, "deploy", "port", taken.getsockname()[1])
         _assert_unavailable_keeps_champion(fresh_registry, client, name, "already in use")
+
+
+def test_a_server_that_finds_its_port_taken_is_retryable() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+        with pytest.raises(RetryableError, match="exited with 1 before answering"), \
+                background_service("http.server", server, f"http://127.0.0.1:{port}/", timeout_s=60):
+            pass

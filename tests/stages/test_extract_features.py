@@ -93,8 +93,9 @@ def test_bf16_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
     assert ((bf16 * fp32).sum(axis=1)).min() > 0.99
 
 
-def test_unknown_backbone_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("offline", ["1", "true"])
+def test_unknown_backbone_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, offline: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     with pytest.raises(PipelineError, match="backbone.name 'no/such-model' .* not in the Hugging Face cache"):
         resolve_backbone("no/such-model")
 
@@ -109,7 +110,8 @@ def test_a_hub_id_in_the_cache_resolves_offline_to_its_pinned_snapshot(tmp_path:
     code = "from stages.backbone import load_encoder, resolve_backbone; print(resolve_backbone('example/minilm')); " \
            "load_encoder('example/minilm', __import__('torch').device('cpu'))"
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(repo / "snapshots" / commit)
 

@@ -100,8 +100,15 @@ def test_too_small_to_stratify(tiny_frame: pd.DataFrame) -> None:
 
 
 def test_an_id_column_as_label_gets_a_short_error_that_says_so(tiny_frame: pd.DataFrame) -> None:
-    frame = tiny_frame.assign(label=[f"row-{i}" for i in range(len(tiny_frame))])
+    frame = tiny_frame.assign(label=[f"row {i}: " + "a long text picked as the label by mistake " * 20
+                                     for i in range(len(tiny_frame))])
     with pytest.raises(PipelineError, match=r"too few rows .*\(\d+ labels in \d+ rows, the rarest .* is "
                                             r"data.label_column an id or text column\?\)") as error:
         preprocess(frame, repo_cfg("preprocess", train_domains=None))
     assert len(str(error.value)) < 600
+
+
+def test_too_few_rows_with_integer_labels_names_them(tiny_frame: pd.DataFrame) -> None:
+    frame = tiny_frame.head(3).assign(label=pd.array([1, 2, 2], dtype="Int64"))
+    with pytest.raises(PipelineError, match=r"label counts \{'2': 2, '1': 1\}"):
+        preprocess(frame, repo_cfg("preprocess", train_domains=None))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tempfile
 from importlib.metadata import version as package_version
@@ -11,6 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -39,6 +42,7 @@ from stages.registry import (
 )
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+KEY_TAG = "register.key"  # version tag: the registration key (registration_key)
 SEEN_TEXTS = "seen_texts.safetensors"  # fingerprints of the texts outside the test split, logged with each run
 RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pandas", "numpy", "scikit-learn", "mlflow")
 
@@ -136,11 +140,51 @@ def lineage(params: Params) -> dict[str, str]:
     return tags | {f"dvc.{k}": v for k, v in hashes.items()} | orchestration_tags()
 
 
+def registration_key(params: Params) -> str | None:
+    """What makes two registrations the same: the model's and the split's DVC hashes and the gate's params (None
+    outside DVC, where there are no hashes: then every run registers)."""
+    hashes = dvc_hashes(Path("dvc.lock"), {"splits": params.paths.splits, "model": params.paths.model})
+    if len(hashes) < 2:
+        return None
+    payload = {"dvc": hashes, "register": params.register.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def registered_before(client: MlflowClient, name: str, key: str | None) -> ModelVersion | None:
+    """The latest version this registry already gated for the same registration key."""
+    if key is None or not client.search_registered_models(f"name = '{name}'"):
+        return None
+    versions = client.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'")
+    done = [v for v in versions if "gate.decision" in v.tags]
+    return max(done, key=lambda v: int(v.version)) if done else None
+
+
+def reused_record(client: MlflowClient, version: ModelVersion, evaluation: dict) -> dict:
+    """The decision record of a registration this registry already holds (a fresh clone of a project whose model
+    is registered, a retried run): no second version of the same model, and the aliases stay as they are."""
+    previous = version.tags.get("gate.previous_champion", "none")
+    return {
+        "model_name": version.name, "version": str(version.version), "run_id": version.run_id,
+        "model_uri": f"models:/{version.name}/{version.version}", "decision": version.tags["gate.decision"],
+        "reasons": version.tags.get("gate.reasons", "").split("; "), "reused": True,
+        "candidate_accuracy": evaluation["test"]["candidate"]["accuracy"],
+        "baseline_accuracy": evaluation["test"]["baseline"]["accuracy"],
+        "previous_champion": None if previous == "none" else previous,
+        "champion": alias_version(client, version.name, CHAMPION),
+    }
+
+
 def register(params: Params) -> dict:
-    """Log, register and gate one candidate; return the decision record."""
+    """Log, register and gate one candidate, unless this registry already holds the same registration; return the
+    decision record."""
     client = configure_mlflow()
     cfg, paths = params.register, params.paths
     evaluation = read_json(paths.evaluation)
+    key = registration_key(params)
+    if (before := registered_before(client, cfg.model_name, key)) is not None:
+        log.info("register: version %s of %s already holds this model, split and gate; not registered again",
+                 before.version, cfg.model_name)
+        return reused_record(client, before, evaluation)
     labels = read_json(paths.label_map)["labels"]
     splits = pd.read_parquet(paths.splits)
     test = splits[splits["split"] == "test"]
@@ -164,7 +208,7 @@ def register(params: Params) -> dict:
         decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champion, cfg,
                           transfer_accuracy=evaluation["test"][UNBLENDED]["accuracy"] if blended else None)
         info = log_model(paths.model, labels, test["text"].head(3).tolist())
-        tags = lineage(params) | {"run_id": run.info.run_id}
+        tags = lineage(params) | {"run_id": run.info.run_id} | ({KEY_TAG: key} if key else {})
         registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
         version = str(registered.version)
         apply_decision(client, cfg.model_name, version, decision, previous)

@@ -63,15 +63,29 @@ def test_registry_over_http_and_serving_from_it(pushed_project: tuple[Path, dict
         assert answer["predictions"][0]["label"] == "positive"
 
 
-def test_fresh_clone_plus_dvc_pull_is_up_to_date(pushed_project: tuple[Path, dict], tmp_path: Path) -> None:
+def test_fresh_clone_plus_dvc_pull_reruns_only_the_registry_side_effects(pushed_project: tuple[Path, dict],
+                                                                         tmp_path: Path) -> None:
+    """Data, features and model come from the DVC remote; register and deploy act on a registry, so their records
+    are not in git: they rerun, and register finds the same model, split and gate already registered."""
     root, env = pushed_project
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
-    assert not (clone / "models" / "candidate").exists()
+    assert not (clone / "models" / "candidate").exists() and not (clone / "reports" / "registry.json").exists()
     sh([*DVC, "pull"], clone, env)
     assert (clone / "models" / "candidate" / "head.safetensors").exists()
     status = sh([*DVC, "status"], clone, env)
-    assert "Data and pipelines are up to date" in status
+    assert [line for line in status.splitlines() if line.endswith(":") and not line.startswith("\t")] == \
+        ["register:", "deploy:"]
+    client = registry_client(env["MLFLOW_TRACKING_URI"])
+    original = read_json(root / "reports/registry.json")
+    versions = len(client.search_model_versions(f"name = '{original['model_name']}'"))
+    output = sh([*DVC, "repro"], clone, env)
+    assert [s for s in ("preprocess", "fine_tune", "register", "deploy") if f"Running stage '{s}'" in output] == \
+        ["register", "deploy"]
+    again = read_json(clone / "reports/registry.json")
+    assert again["reused"] and again["version"] == original["version"] and again["decision"] == original["decision"]
+    assert len(client.search_model_versions(f"name = '{original['model_name']}'")) == versions
+    assert read_json(clone / "reports/deployment.json")["status"] == "ok"
 
 
 def test_worker_runs_the_scheduled_deployment_from_git_and_dvc(servers: tuple[str, str],
@@ -87,15 +101,19 @@ def test_worker_runs_the_scheduled_deployment_from_git_and_dvc(servers: tuple[st
     limits = requests.post(f"{api}/concurrency_limits/filter", json={}, timeout=30).json()
     assert {(c["tag"], c["concurrency_limit"]) for c in limits} >= {("gpu", 1)}
 
+    name = read_json(root / "reports/registry.json")["model_name"]
+    versions = len(registry_client(mlflow_uri).search_model_versions(f"name = '{name}'"))
     run_id = stack.trigger(api, deployment)
     log = stack.run_worker_once(root, worker_env, deployment)
     run = stack.flow_run(api, run_id)
     assert run["state_type"] == "COMPLETED", log[-5000:]
-    # The worker cloned the committed code and pulled the outputs from the DVC remote: nothing needed rerunning.
+    # The worker cloned the committed code and pulled the outputs from the DVC remote: only the registry's side
+    # effects reran, and register found the model already registered.
     artifacts = requests.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}},
                               timeout=30).json()
     summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
-    assert "Stages reproduced: none (all up to date)" in summary
+    assert "Stages reproduced: register, deploy" in summary
+    assert len(registry_client(mlflow_uri).search_model_versions(f"name = '{name}'")) == versions  # no duplicate
     tasks = requests.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}, timeout=30).json()
     assert {"dvc-pull", "dvc-push", "ingest", "deploy"} <= {t["name"] for t in tasks}
     assert stack.timings(run)["pickup_latency_s"] >= 0

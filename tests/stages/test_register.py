@@ -106,6 +106,21 @@ def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
     assert run_data.params["fine_tune.strategy"] == "linear_probe"
 
 
+def test_the_same_registration_is_not_registered_twice(fresh_registry: Path) -> None:
+    """A fresh clone of a registered project, or a retried run: same model, split and gate, so no second version."""
+    root = fresh_registry
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    run([sys.executable, "-m", "stages.register"], root)
+    first = read_json(root / "reports/registry.json")
+    run([sys.executable, "-m", "stages.register"], root)
+    again = read_json(root / "reports/registry.json")
+    assert again["reused"] and "reused" not in first
+    assert {k: again[k] for k in ("version", "run_id", "decision", "reasons", "previous_champion", "champion")} == \
+        {k: first[k] for k in ("version", "run_id", "decision", "reasons", "previous_champion", "champion")}
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{first['model_name']}'")] == ["1"]
+    assert client.get_model_version(first["model_name"], "1").tags["register.key"]
+
+
 def test_a_new_split_compares_the_champion_only_on_rows_new_to_it(fresh_registry: Path, tmp_path: Path) -> None:
     """After the split changes, some of the new test rows were the champion's training rows: they do not count."""
     root = fresh_registry
@@ -135,6 +150,7 @@ def test_a_champion_that_no_longer_loads_is_a_clear_error(fresh_registry: Path) 
     saved = list((root / "mlruns").rglob("ngram/ngram.json"))  # the champion's copy in MLflow's artifact store
     assert len(saved) == 1
     saved[0].write_text("{}")  # as if saved by code that wrote another format
+    set_param(root, "register", "min_accuracy", 0.3)  # another gate: a new registration, which re-scores the champion
     result = run(register, root, check=False)
     assert result.returncode == 2
     assert "champion transfer-classifier@champion (version 1) does not load" in result.stderr

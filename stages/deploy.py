@@ -66,7 +66,9 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
     except RetryableError as error:
         return record | {"status": "unavailable", "error": str(error)[-2000:], "champion_after": champion}
     except (PipelineError, requests.RequestException, KeyError, ValueError) as error:
-        promoted_now = registry["decision"] == "promoted" and registry["version"] == champion
+        # a reused record's promotion is history: a failure here says nothing against that version
+        promoted_now = (registry["decision"] == "promoted" and registry["version"] == champion
+                        and not registry.get("reused"))
         if promoted_now:
             rollback(client, name, champion, registry.get("previous_champion"), str(error))
         return record | {"status": "rolled_back" if promoted_now else "failed", "error": str(error)[-2000:],

@@ -140,23 +140,31 @@ def lineage(params: Params) -> dict[str, str]:
     return tags | {f"dvc.{k}": v for k, v in hashes.items()} | orchestration_tags()
 
 
-def registration_key(params: Params) -> str | None:
-    """What makes two registrations the same: the model's and the split's DVC hashes and the gate's params (None
-    outside DVC, where there are no hashes: then every run registers)."""
-    hashes = dvc_hashes(Path("dvc.lock"), {"splits": params.paths.splits, "model": params.paths.model})
-    if len(hashes) < 2:
-        return None
-    payload = {"dvc": hashes, "register": params.register.model_dump(mode="json")}
+def file_digests(paths: list[Path], root: Path) -> dict[str, str]:
+    """SHA-256 of each file, and of each file under each folder, by its path relative to `root`."""
+    files = sorted(f.resolve() for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def registration_key(params: Params) -> str:
+    """What makes two registrations the same: the bytes of everything the registered version is made of or gated
+    on (the model, the code that ships with it, the split, predictions and evaluation) and the gate's params."""
+    paths = params.paths
+    data = [paths.model, paths.splits, paths.label_map, paths.predictions, paths.evaluation, paths.metrics]
+    code = Path(__file__).resolve().parent  # the whole folder ships with the model (log_model's code_paths)
+    payload = {"data": file_digests(data, Path.cwd().resolve()),
+               "code": file_digests(sorted(code.glob("*.py")), code.parent),
+               "register": params.register.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def registered_before(client: MlflowClient, name: str, key: str | None) -> ModelVersion | None:
-    """The latest version this registry already gated for the same registration key."""
-    if key is None or not client.search_registered_models(f"name = '{name}'"):
+def registered_before(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
+    """The latest version this registry already registered and gated, aliases included, for the same key (the tag
+    is set last, so a registration cut short is never reused)."""
+    if not client.search_registered_models(f"name = '{name}'"):
         return None
     versions = client.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'")
-    done = [v for v in versions if "gate.decision" in v.tags]
-    return max(done, key=lambda v: int(v.version)) if done else None
+    return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def reused_record(client: MlflowClient, version: ModelVersion, evaluation: dict) -> dict:
@@ -208,10 +216,11 @@ def register(params: Params) -> dict:
         decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champion, cfg,
                           transfer_accuracy=evaluation["test"][UNBLENDED]["accuracy"] if blended else None)
         info = log_model(paths.model, labels, test["text"].head(3).tolist())
-        tags = lineage(params) | {"run_id": run.info.run_id} | ({KEY_TAG: key} if key else {})
+        tags = lineage(params) | {"run_id": run.info.run_id}
         registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
         version = str(registered.version)
         apply_decision(client, cfg.model_name, version, decision, previous)
+        client.set_model_version_tag(cfg.model_name, version, KEY_TAG, key)
         mlflow.set_tags({"gate.decision": "promoted" if decision.promote else "rejected",
                          "registered_version": version})
     return {

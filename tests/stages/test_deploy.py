@@ -48,6 +48,21 @@ def test_a_model_that_cannot_load_rolls_the_champion_back(fresh_registry: Path) 
     assert "deploy.rolled_back" in client.get_model_version(name, "1").tags
 
 
+def test_a_reused_registration_is_never_rolled_back(fresh_registry: Path) -> None:
+    """A fresh clone or a nightly run reuses the version it promoted long ago: a failure to serve it here is
+    reported, but says nothing against that version, so @champion stays."""
+    root = fresh_registry
+    client, name = _registered(root)
+    run([sys.executable, "-m", "stages.register"], root)
+    assert read_json(root / "reports/registry.json")["reused"]
+    (Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path)) / "MLmodel").unlink()
+    result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
+    assert result.returncode == 2
+    record = read_json(root / "reports/deployment.json")
+    assert record["status"] == "failed" and str(record["champion_after"]) == "1"
+    assert "deploy.rolled_back" not in client.get_model_version(name, "1").tags
+
+
 def _assert_unavailable_keeps_champion(root: Path, client: MlflowClient, name: str, why: str) -> None:
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
     assert result.returncode == 1 and "left as champion" in result.stderr and why in result.stderr

@@ -119,6 +119,12 @@ def test_the_same_registration_is_not_registered_twice(fresh_registry: Path) -> 
         {k: first[k] for k in ("version", "run_id", "decision", "reasons", "previous_champion", "champion")}
     assert [str(v.version) for v in client.search_model_versions(f"name = '{first['model_name']}'")] == ["1"]
     assert client.get_model_version(first["model_name"], "1").tags["register.key"]
+    # the code under stages/ ships inside the model: changed code is a new registration
+    serving = root / "stages" / "serving.py"
+    serving.write_text(serving.read_text() + "\n# changed\n")
+    run([sys.executable, "-m", "stages.register"], root)
+    changed = read_json(root / "reports/registry.json")
+    assert "reused" not in changed and changed["version"] == "2"
 
 
 def test_a_new_split_compares_the_champion_only_on_rows_new_to_it(fresh_registry: Path, tmp_path: Path) -> None:

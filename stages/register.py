@@ -161,8 +161,6 @@ def registration_key(params: Params) -> str:
 def registered_before(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
     """The latest version this registry already registered and gated, aliases included, for the same key (the tag
     is set last, so a registration cut short is never reused)."""
-    if not client.search_registered_models(f"name = '{name}'"):
-        return None
     versions = client.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'")
     return max(versions, key=lambda v: int(v.version)) if versions else None
 

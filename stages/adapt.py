@@ -25,7 +25,7 @@ from stages.errors import PipelineError
 from stages.evaluate import UNBLENDED, probabilities
 from stages.finetune_loop import train_at_least
 from stages.io import atomic_path, log, remove_outputs, run_main, write_json
-from stages.model import ENCODER_DIR, Head, classify, load_head, read_info
+from stages.model import Head, classify, encoder_path, load_head, read_info
 from stages.plots import plt, save_figure
 from stages.preprocess import HELDOUT, UNLABELED, take_per_class
 from stages.registry import study_run
@@ -74,10 +74,8 @@ class Candidate:
 
 def load_candidate(model_dir: Path) -> Candidate:
     """The model fine_tune saved (its encoder, or the backbone a linear probe names) on the pipeline's device."""
-    info = read_info(model_dir)
-    encoder_name = str(model_dir / ENCODER_DIR) if (model_dir / ENCODER_DIR).is_dir() else info["backbone"]
-    tokenizer, encoder = load_encoder(encoder_name, select_device())
-    return Candidate(tokenizer, encoder, load_head(model_dir), int(info["max_length"]))
+    tokenizer, encoder = load_encoder(encoder_path(model_dir), select_device())
+    return Candidate(tokenizer, encoder, load_head(model_dir), int(read_info(model_dir)["max_length"]))
 
 
 def train_on_shots(params: Params, model: Candidate, shots: pd.DataFrame, seed: int) -> None:

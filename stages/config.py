@@ -70,7 +70,14 @@ class PreprocessConfig(_Section):
 
 class BackboneConfig(_Section):
     name: str
+    revision: str | None = None
     max_length: int = Field(ge=8, le=4096)
+
+    @model_validator(mode="after")
+    def _revision_names_a_hub_commit(self) -> BackboneConfig:
+        if self.revision is not None and self.name == "default":
+            raise ValueError("revision applies to a hub id only; the default backbone is pinned by its package")
+        return self
 
 
 class ExtractConfig(_Section):

@@ -16,8 +16,8 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
 from stages.config import Params, load_params
-from stages.fine_tune import finetune_from_probe, fit_baseline, fit_probe, self_train_candidate
-from stages.io import atomic_path, load_features, log, remove_outputs, run_main, write_json
+from stages.fine_tune import finetune_from_probe, fit_baseline, fit_probe, pinned_to_features, self_train_candidate
+from stages.io import META_FILE, atomic_path, load_features, log, read_json, remove_outputs, run_main, write_json
 from stages.model import classify, head_from_sklearn
 from stages.plots import plt, save_figure
 from stages.preprocess import in_domain_unlabeled, take_per_class
@@ -135,6 +135,7 @@ def log_curve(params: Params, curve: pd.DataFrame, folder: Path) -> str:
 def main() -> None:
     params = load_params()
     paths = params.paths
+    params = pinned_to_features(params, read_json(paths.features / META_FILE))
     remove_outputs(paths.data_efficiency, paths.data_efficiency_metrics)
     splits = pd.read_parquet(paths.splits)
     features = load_features(paths.features)

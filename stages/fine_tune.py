@@ -57,7 +57,7 @@ def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.n
                         ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, TrainLog]:
     """LP-FT: the pretrained backbone and the probe's `head` trained together, in place."""
     seed_everything(seed)
-    tokenizer, encoder = load_encoder(params.backbone.name, select_device())
+    tokenizer, encoder = load_encoder(params.backbone.name, select_device(), params.backbone.revision)
     return tokenizer, encoder, train_at_least(encoder, tokenizer, head, params.fine_tune.finetune, train, val, seed)
 
 
@@ -91,6 +91,7 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
     record: dict = {"probe_val_accuracy": float(probe.score(features[val], y[val]))}
     timing: dict = {}
     info = {"strategy": cfg.strategy, "labels": labels, "backbone": params.backbone.name,
+            "backbone_revision": params.backbone.revision,
             "params": params.model_dump(mode="json")}
     if cfg.strategy == "linear_probe":
         info["max_length"] = params.backbone.max_length
@@ -167,6 +168,14 @@ def fine_tune(params: Params, splits: pd.DataFrame, features: np.ndarray, labels
     }), record, timing
 
 
+def pinned_to_features(params: Params, meta: dict) -> Params:
+    """`params` with backbone.revision set to the commit the features came from: LP-FT's encoder, and the backbone a
+    linear probe names, must be the one its head was fit on, even if the branch the params name moved since."""
+    commit = meta.get("backbone_revision")
+    return params if commit is None else params.model_copy(
+        update={"backbone": params.backbone.model_copy(update={"revision": commit})})
+
+
 def main() -> None:
     params = load_params()
     paths = params.paths
@@ -174,7 +183,9 @@ def main() -> None:
     splits = pd.read_parquet(paths.splits)
     labels = read_json(paths.label_map)["labels"]
     features = load_features(paths.features)
-    if params.fine_tune.strategy == "linear_probe" and read_json(paths.features / META_FILE)["precision"] == "int8":
+    meta = read_json(paths.features / META_FILE)
+    params = pinned_to_features(params, meta)
+    if params.fine_tune.strategy == "linear_probe" and meta["precision"] == "int8":
         log.warning("fine_tune: the linear probe is fit and scored on int8 features, but the served model embeds in "
                     "torch fp32: expect small differences (about 0.1 point of accuracy on the default data)")
     if len(features) != len(splits):

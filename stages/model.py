@@ -22,6 +22,7 @@ from stages.backbone import (
     load_encoder,
     mean_pool,
     pad_batch,
+    resolve_backbone,
     select_device,
     usable_length,
 )
@@ -96,6 +97,15 @@ def read_info(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / MODEL_JSON).read_text(encoding="utf-8"))
 
 
+def encoder_path(folder: Path) -> str:
+    """The encoder a model folder runs: its own fine-tuned copy, or the backbone (at the commit recorded when it
+    was trained) that a linear probe names."""
+    if (Path(folder) / ENCODER_DIR).is_dir():
+        return str(Path(folder) / ENCODER_DIR)
+    info = read_info(folder)
+    return resolve_backbone(info["backbone"], info.get("backbone_revision"))
+
+
 def classify(encoder: Any, tokenizer: Any, head: Head, texts: list[str], max_length: int,
              batch_size: int) -> np.ndarray:
     """Class probabilities [len(texts), C] of encoder -> mean pool -> head, batched by length."""
@@ -124,8 +134,8 @@ class TextClassifier:
         self.max_length: int = int(self.info["max_length"])
         self.batch_size = batch_size
         self.device = device or select_device()
-        encoder_name = str(folder / ENCODER_DIR) if (folder / ENCODER_DIR).is_dir() else (backbone or self.info["backbone"])
-        self.tokenizer, self.encoder = load_encoder(encoder_name, self.device)
+        encoder = backbone if backbone and not (folder / ENCODER_DIR).is_dir() else encoder_path(folder)
+        self.tokenizer, self.encoder = load_encoder(encoder, self.device)
         self.head = load_head(folder).to(self.device).eval()
         self.ngram_weight = float(self.info.get("ngram_weight", 0.0))
         self.ngram = None

@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 from stages.config import Params, load_params
 from stages.data_efficiency import CURVE_CSV, CURVE_PNG, POINTS_CSV, draws, main, run_curve, summarize
 from stages.errors import PipelineError
-from stages.io import EMBEDDINGS_FILE, read_json
+from stages.io import EMBEDDINGS_FILE, META_FILE, read_json, write_json
 from stages.registry import tracking_uri
 from tests.conftest import drop_labels, registry_client, self_training_on
 
@@ -88,6 +88,7 @@ def _stage_inputs(params: Params, splits: pd.DataFrame, features: np.ndarray) ->
     splits.to_parquet(params.paths.splits, index=False)
     params.paths.features.mkdir(parents=True)
     save_file({"embeddings": features}, str(params.paths.features / EMBEDDINGS_FILE))
+    write_json({"backbone": "default", "backbone_revision": None, "precision": "fp32"}, params.paths.features / META_FILE)
 
 
 def test_stage_writes_curve_plot_metrics_and_an_mlflow_run(tiny_params: Params, tiny_splits: tuple,

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from stages.backbone import embed, load_encoder, load_tokenizer, pad_batch, resolve_backbone, select_device
-from stages.config import ExtractConfig
+from stages.config import BackboneConfig, ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
 from tests.conftest import ROOT, repo_cfg
@@ -100,20 +101,47 @@ def test_unknown_backbone_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPat
         resolve_backbone("no/such-model")
 
 
-def test_a_hub_id_in_the_cache_resolves_offline_to_its_pinned_snapshot(tmp_path: Path) -> None:
-    """A hub backbone a user fetched once runs offline: it resolves to the cache's folder for the commit of `main`."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
+HUB_CHECK = """
+import json, sys
+from pathlib import Path
+from stages.backbone import resolve_backbone
+from stages.config import BackboneConfig, ExtractConfig
+from stages.extract_features import extract_features
+from stages.model import encoder_path, write_info
+from tests.conftest import repo_cfg
+_, meta = extract_features(["a fine film", "dull"], BackboneConfig(name="example/minilm", max_length=32),
+                           repo_cfg("extract_features", precision="fp32"), "linear_probe")
+probe = Path(sys.argv[1])
+write_info(probe, {"backbone": "example/minilm", "backbone_revision": sys.argv[2]})
+print(json.dumps({"main": resolve_backbone("example/minilm"), "pinned": resolve_backbone("example/minilm", sys.argv[2]),
+                  "recorded": meta["backbone_revision"], "probe_runs": encoder_path(probe)}))
+"""
+
+
+def test_a_hub_backbone_resolves_offline_and_its_commit_is_recorded_and_reloaded(tmp_path: Path) -> None:
+    """A hub backbone a user fetched once runs offline at the commit `main` points to; the features record that
+    commit, and a linear probe trained on an older commit keeps running it after `main` moved on."""
+    old, new = "0" * 40, "1" * 40
     repo = tmp_path / "hub" / "models--example--minilm"
-    shutil.copytree(resolve_backbone("default"), repo / "snapshots" / commit)
+    for commit in (old, new):
+        shutil.copytree(resolve_backbone("default"), repo / "snapshots" / commit)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    code = "from stages.backbone import load_encoder, resolve_backbone; print(resolve_backbone('example/minilm')); " \
-           "load_encoder('example/minilm', __import__('torch').device('cpu'))"
+    (repo / "refs" / "main").write_text(new)
+    (tmp_path / "probe").mkdir()
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", HUB_CHECK, str(tmp_path / "probe"), old], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == str(repo / "snapshots" / commit)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"main": str(repo / "snapshots" / new), "pinned": str(repo / "snapshots" / old),
+                    "recorded": new, "probe_runs": str(repo / "snapshots" / old)}
+
+
+def test_a_revision_for_the_default_or_a_local_backbone_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="backbone.revision 'v2' applies to a hub id"):
+        resolve_backbone(str(tmp_path), "v2")
+    with pytest.raises(ValidationError, match="revision applies to a hub id only"):
+        BackboneConfig(name="default", revision="v2", max_length=32)
 
 
 def test_long_documents_are_truncated_not_rejected() -> None:

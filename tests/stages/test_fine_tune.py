@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from stages.backbone import resolve_backbone
 from stages.config import Params
 from stages.errors import PipelineError
-from stages.fine_tune import fine_tune, training_metrics
+from stages.fine_tune import fine_tune, pinned_to_features, training_metrics
 from stages.model import HEAD_FILE, TextClassifier, read_info
 from stages.preprocess import UNLABELED, preprocess
 from tests.conftest import SERVED_ATOL, drop_labels, repo_cfg, self_training_on, with_blend
@@ -31,6 +31,14 @@ def test_linear_probe_beats_chance_and_saves_safetensors(tiny_params: Params, ti
     assert set(load_file(str(tmp_path / "model" / HEAD_FILE))) == {"weight", "bias"}
     info = read_info(tmp_path / "model")
     assert info["strategy"] == "linear_probe" and info["params"]["fine_tune"]["seed"] == 0
+    assert info["backbone_revision"] is None  # the default backbone: pinned by its package, not a hub commit
+
+
+def test_the_encoder_is_pinned_to_the_commit_the_features_came_from(tiny_params: Params) -> None:
+    """Features cached from an older commit of a hub backbone: LP-FT must load that commit, not today's `main`."""
+    hub = tiny_params.model_copy(update={"backbone": tiny_params.backbone.model_copy(update={"name": "org/model"})})
+    assert pinned_to_features(hub, {"backbone_revision": "a" * 40}).backbone.revision == "a" * 40
+    assert pinned_to_features(tiny_params, {"backbone_revision": None}) is tiny_params
 
 
 def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,

@@ -20,17 +20,17 @@ from mlflow.types import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from safetensors.numpy import load_file, save_file
 
-from stages.backbone import resolve_backbone
 from stages.config import Params, load_params
 from stages.errors import PipelineError, RetryableError
 from stages.evaluate import probabilities
 from stages.io import log, read_json, remove_outputs, run_main, write_json
-from stages.model import ENCODER_DIR, read_info
+from stages.model import ENCODER_DIR, encoder_path, read_info
 from stages.ngram import UNBLENDED
 from stages.preprocess import text_key
 from stages.registry import (
     CHAMPION,
     ChampionScore,
+    Decision,
     alias_version,
     apply_decision,
     configure_mlflow,
@@ -42,7 +42,9 @@ from stages.registry import (
 )
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
-KEY_TAG = "register.key"  # version tag: the registration key (registration_key)
+KEY_TAG = "register.key"  # version tag: the registration key (registration_key), set once the gate is applied
+PENDING_TAG = "register.pending_key"  # version tag: the same key, set when the version is created
+RECORD_TAG = "register.record"  # version tag: the decision record (JSON), for a run that reuses the version
 SEEN_TEXTS = "seen_texts.safetensors"  # fingerprints of the texts outside the test split, logged with each run
 RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pandas", "numpy", "scikit-learn", "mlflow")
 
@@ -66,7 +68,7 @@ def metric_key(key: str) -> str:
 def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.models.model.ModelInfo:
     artifacts = {"model": str(model_dir)}
     if not (model_dir / ENCODER_DIR).is_dir():  # a linear probe: ship the frozen backbone with it
-        artifacts["encoder"] = resolve_backbone(read_info(model_dir)["backbone"])
+        artifacts["encoder"] = encoder_path(model_dir)
     requirements = [f"{p}=={package_version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
     return mlflow.pyfunc.log_model(
         name="model", python_model=str(SERVING_CODE), artifacts=artifacts,
@@ -113,7 +115,7 @@ def champion_score(client: MlflowClient, name: str, version: str | None, test: p
     if version is None:
         return None
     try:
-        champion = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+        champion = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     except Exception as error:  # whatever broke the load, the user needs the version and the way out
         raise PipelineError(
             f"register: the champion {name}@{CHAMPION} (version {version}) does not load with this checkout's code "
@@ -137,6 +139,9 @@ def lineage(params: Params) -> dict[str, str]:
                                              "features": params.paths.features, "model": params.paths.model})
     tags = {"git_commit": git_commit(), "pipeline.stage": "register", "strategy": params.fine_tune.strategy,
             "backbone": params.backbone.name, "data.source": str(params.data.source)}
+    commit = read_info(params.paths.model).get("backbone_revision")
+    if commit:
+        tags["backbone.revision"] = commit
     return tags | {f"dvc.{k}": v for k, v in hashes.items()} | orchestration_tags()
 
 
@@ -165,24 +170,63 @@ def registered_before(client: MlflowClient, name: str, key: str) -> ModelVersion
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def reused_record(client: MlflowClient, version: ModelVersion, evaluation: dict) -> dict:
+def reused_record(client: MlflowClient, version: ModelVersion) -> dict:
     """The decision record of a registration this registry already holds (a fresh clone of a project whose model
-    is registered, a retried run): no second version of the same model, and the aliases stay as they are."""
-    previous = version.tags.get("gate.previous_champion", "none")
-    return {
-        "model_name": version.name, "version": str(version.version), "run_id": version.run_id,
-        "model_uri": f"models:/{version.name}/{version.version}", "decision": version.tags["gate.decision"],
-        "reasons": version.tags.get("gate.reasons", "").split("; "), "reused": True,
-        "candidate_accuracy": evaluation["test"]["candidate"]["accuracy"],
-        "baseline_accuracy": evaluation["test"]["baseline"]["accuracy"],
-        "previous_champion": None if previous == "none" else previous,
-        "champion": alias_version(client, version.name, CHAMPION),
-    }
+    is registered, a retried run), as it was written then: no second version of the same model, and the aliases
+    stay as they are."""
+    record = json.loads(version.tags[RECORD_TAG])
+    return record | {"reused": True, "champion": alias_version(client, version.name, CHAMPION)}
+
+
+def unfinished_registration(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
+    """A version created for this key whose gate never finished (a run killed or failed between creating it and
+    tagging its key): the retry finishes it instead of registering a second copy."""
+    versions = [v for v in client.search_model_versions(f"name = '{name}' and tags.`{PENDING_TAG}` = '{key}'")
+                if KEY_TAG not in v.tags]
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def champion_before(client: MlflowClient, name: str, unfinished: ModelVersion | None) -> str | None:
+    """The champion this registration is gated against: the current one, or, when finishing a registration cut
+    short after its aliases moved, the one it recorded before moving them."""
+    recorded = unfinished.tags.get("gate.previous_champion") if unfinished is not None else None
+    if recorded is not None:
+        return None if recorded == "none" else recorded
+    return alias_version(client, name, CHAMPION)
+
+
+def gate(client: MlflowClient, params: Params, previous: str | None, splits: pd.DataFrame,
+         log_texts: bool) -> tuple[Decision, ChampionScore | None]:
+    """The decision for this run's candidate against the baseline and `previous` (the champion, re-scored)."""
+    cfg, paths = params.register, params.paths
+    evaluation = read_json(paths.evaluation)
+    test = splits[splits["split"] == "test"]
+    predicted = probabilities(pd.read_parquet(paths.predictions), "candidate")[test.index].argmax(axis=1)
+    with tempfile.TemporaryDirectory() as folder:
+        champion = champion_score(client, cfg.model_name, previous, test, predicted == test["label_id"].to_numpy(),
+                                  Path(folder))
+        if log_texts:
+            log_seen_texts(splits, Path(folder))
+    blended = read_info(paths.model).get("ngram_weight", 0) > 0
+    decision = decide(evaluation["test"]["candidate"], evaluation["test"]["baseline"]["accuracy"], champion, cfg,
+                      transfer_accuracy=evaluation["test"][UNBLENDED]["accuracy"] if blended else None)
+    return decision, champion
+
+
+def log_run(params: Params) -> None:
+    """Params, metrics and reports of this run into the active MLflow run."""
+    paths = params.paths
+    mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params.model_dump(mode="json")).items()})
+    mlflow.log_metrics({metric_key(k): float(v) for k, v in flatten("", read_json(paths.metrics)).items()})
+    mlflow.log_metrics({f"train.{k}": float(v) for k, v in read_json(paths.training_metrics).items()})
+    for path in (paths.evaluation, paths.data_report, paths.label_map, paths.model / "model.json"):
+        mlflow.log_artifact(str(path), artifact_path="reports")
+    mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
 
 
 def register(params: Params) -> dict:
-    """Log, register and gate one candidate, unless this registry already holds the same registration; return the
-    decision record."""
+    """Log, register and gate one candidate, unless this registry already holds the same registration (or finish
+    one cut short); return the decision record."""
     client = configure_mlflow()
     cfg, paths = params.register, params.paths
     evaluation = read_json(paths.evaluation)
@@ -190,48 +234,44 @@ def register(params: Params) -> dict:
     if (before := registered_before(client, cfg.model_name, key)) is not None:
         log.info("register: version %s of %s already holds this model, split and gate; not registered again",
                  before.version, cfg.model_name)
-        return reused_record(client, before, evaluation)
-    labels = read_json(paths.label_map)["labels"]
+        return reused_record(client, before)
     splits = pd.read_parquet(paths.splits)
-    test = splits[splits["split"] == "test"]
-    mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(tags={MLFLOW_RUN_NAME: f"{params.fine_tune.strategy}"} | lineage(params)) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params.model_dump(mode="json")).items()})
-        mlflow.log_metrics({metric_key(k): float(v) for k, v in flatten("", read_json(paths.metrics)).items()})
-        mlflow.log_metrics({f"train.{k}": float(v) for k, v in read_json(paths.training_metrics).items()})
-        for path in (paths.evaluation, paths.data_report, paths.label_map, paths.model / "model.json"):
-            mlflow.log_artifact(str(path), artifact_path="reports")
-        mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
-        # Everything that can fail comes before the registry is touched, so a retry never leaves a stray version.
-        previous = alias_version(client, cfg.model_name, CHAMPION)
-        candidate = evaluation["test"]["candidate"]
-        predicted = probabilities(pd.read_parquet(paths.predictions), "candidate")[test.index].argmax(axis=1)
-        with tempfile.TemporaryDirectory() as folder:
-            champion = champion_score(client, cfg.model_name, previous, test,
-                                      predicted == test["label_id"].to_numpy(), Path(folder))
-            log_seen_texts(splits, Path(folder))
-        blended = read_info(paths.model).get("ngram_weight", 0) > 0
-        decision = decide(candidate, evaluation["test"]["baseline"]["accuracy"], champion, cfg,
-                          transfer_accuracy=evaluation["test"][UNBLENDED]["accuracy"] if blended else None)
-        info = log_model(paths.model, labels, test["text"].head(3).tolist())
-        tags = lineage(params) | {"run_id": run.info.run_id}
-        registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
-        version = str(registered.version)
-        apply_decision(client, cfg.model_name, version, decision, previous)
-        client.set_model_version_tag(cfg.model_name, version, KEY_TAG, key)
-        mlflow.set_tags({"gate.decision": "promoted" if decision.promote else "rejected",
-                         "registered_version": version})
-    return {
-        "model_name": cfg.model_name, "version": version, "run_id": run.info.run_id,
+    unfinished = unfinished_registration(client, cfg.model_name, key)
+    previous = champion_before(client, cfg.model_name, unfinished)
+    if unfinished is not None:
+        log.warning("register: version %s of %s was registered for this model but its gate never finished; "
+                    "finishing it rather than registering a second copy", unfinished.version, cfg.model_name)
+        decision, champion = gate(client, params, previous, splits, log_texts=False)
+        version, run_id = str(unfinished.version), unfinished.run_id
+        client.set_tag(run_id, "register.finished_after_interruption", "true")
+    else:
+        mlflow.set_experiment(cfg.experiment)
+        with mlflow.start_run(tags={MLFLOW_RUN_NAME: f"{params.fine_tune.strategy}"} | lineage(params)) as run:
+            log_run(params)
+            # Everything that can fail comes before the registry is touched.
+            decision, champion = gate(client, params, previous, splits, log_texts=True)
+            test_texts = splits.loc[splits["split"] == "test", "text"].head(3).tolist()
+            info = log_model(paths.model, read_json(paths.label_map)["labels"], test_texts)
+            tags = lineage(params) | {"run_id": run.info.run_id, PENDING_TAG: key}
+            registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
+            version, run_id = str(registered.version), run.info.run_id
+    apply_decision(client, cfg.model_name, version, decision, previous)
+    client.set_tag(run_id, "gate.decision", "promoted" if decision.promote else "rejected")
+    client.set_tag(run_id, "registered_version", version)
+    record = {
+        "model_name": cfg.model_name, "version": version, "run_id": run_id,
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "decision": "promoted" if decision.promote else "rejected", "reasons": decision.reasons,
-        "candidate_accuracy": candidate["accuracy"], "baseline_accuracy": evaluation["test"]["baseline"]["accuracy"],
+        "candidate_accuracy": evaluation["test"]["candidate"]["accuracy"],
+        "baseline_accuracy": evaluation["test"]["baseline"]["accuracy"],
         "champion_accuracy": champion and champion.accuracy,
         "champion_compared_on": champion and {"rows": champion.rows, "of_test_rows": champion.of_rows,
                                               "candidate_accuracy": champion.candidate_accuracy},
         "previous_champion": previous,
-        "champion": alias_version(client, cfg.model_name, CHAMPION),
-    }
+    } | ({"finished_after_interruption": True} if unfinished is not None else {})
+    client.set_model_version_tag(cfg.model_name, version, RECORD_TAG, json.dumps(record))
+    client.set_model_version_tag(cfg.model_name, version, KEY_TAG, key)  # last: the registration is complete
+    return record | {"champion": alias_version(client, cfg.model_name, CHAMPION)}
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ from pydantic import ValidationError
 from benchmarks import write_report
 from stages.config import Params, load_params
 from stages.data_efficiency import run_curve, summarize
-from stages.io import load_features
+from stages.fine_tune import pinned_to_features
+from stages.io import META_FILE, load_features, read_json
 
 TARGETS = {64: 0.76, 512: 0.80}
 
@@ -90,6 +91,7 @@ def main() -> None:
     base = load_params()
     for key, value in map(parse_set, args.set):
         base = override(base, key, value)
+    base = pinned_to_features(base, read_json(base.paths.features / META_FILE))
     splits = pd.read_parquet(base.paths.splits)
     features = load_features(base.paths.features)
     grid_key, grid_values = parse_grid(args.grid)

@@ -46,7 +46,8 @@ def _speed(variant: str, rows: int) -> dict[str, float]:
     classes = int(splits["label_id"].max()) + 1
     out: dict[str, float] = {}
     for run in ("cold", "warm"):
-        tokenizer, encoder = backbone.load_encoder(params.backbone.name, backbone.select_device())
+        tokenizer, encoder = backbone.load_encoder(params.backbone.name, backbone.select_device(),
+                                                      params.backbone.revision)
         shape = (1 if classes == 2 else classes, encoder.config.hidden_size)
         head = head_from_sklearn(np.zeros(shape, dtype=np.float32), np.zeros(shape[0], dtype=np.float32))
         out[f"finetune samples/s {run}"] = finetune(encoder, tokenizer, head, cfg, train, None, 0).samples_per_second

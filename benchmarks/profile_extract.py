@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     texts = subset(load_splits(params)[0], "train", args.rows, params.fine_tune.seed)[0]
-    tokenizer, model = load_encoder(params.backbone.name, torch.device("cpu"))
+    tokenizer, model = load_encoder(params.backbone.name, torch.device("cpu"), params.backbone.revision)
     options = {"max_length": params.backbone.max_length, "batch_size": params.extract_features.batch_size,
                "precision": "fp32"}
     embed(texts, tokenizer, model, **options)

@@ -101,10 +101,10 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
     from sentence_transformers import SentenceTransformer
 
     batch = params.extract_features.batch_size
-    peers = {"peer": SentenceTransformer(resolve_backbone(params.backbone.name), device=device.type)}
+    path = resolve_backbone(params.backbone.name, params.backbone.revision)
+    peers = {"peer": SentenceTransformer(path, device=device.type)}
     if device.type == "cuda":
-        peers["peer_bf16"] = SentenceTransformer(resolve_backbone(params.backbone.name), device=device.type,
-                                                 model_kwargs={"dtype": torch.bfloat16})
+        peers["peer_bf16"] = SentenceTransformer(path, device=device.type, model_kwargs={"dtype": torch.bfloat16})
     cfgs = {name: params.extract_features.model_copy(update={"runtime": MODES[name][0], "precision": MODES[name][1]})
             for name in modes_for(device)}
     for peer in peers.values():
@@ -167,7 +167,7 @@ def matmul_gflops(rows: int, inner: int, outer: int, repeats: int = 20) -> float
 def fp32_ceiling(params: Params, texts: list[str]) -> dict[str, float]:
     """The most exact fp32 extraction can reach on this CPU: the linear layers' FLOPs over the real tokens at the
     fp32 rate measured at the shape of the feed-forward layer (a batch's tokens x hidden x intermediate)."""
-    tokenizer, model = load_encoder(params.backbone.name, torch.device("cpu"))
+    tokenizer, model = load_encoder(params.backbone.name, torch.device("cpu"), params.backbone.revision)
     ids = tokenizer(texts, truncation=True, max_length=params.backbone.max_length)["input_ids"]
     tokens = sum(len(x) for x in ids)
     rows = params.extract_features.batch_size * round(tokens / len(texts))
@@ -203,7 +203,7 @@ def bench_ours(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
     probe_s = time.perf_counter() - start
     head = head_from_sklearn(probe.coef_, probe.intercept_)
     seed_everything(seed)
-    tokenizer, encoder = load_encoder(params.backbone.name, select_device())
+    tokenizer, encoder = load_encoder(params.backbone.name, select_device(), params.backbone.revision)
     train_log = finetune(encoder, tokenizer, head, cfg, train, None, seed)
     info = {"labels": labels, "max_length": cfg.max_length, "backbone": params.backbone.name, "strategy": "finetune"}
     with tempfile.TemporaryDirectory() as folder:
@@ -244,7 +244,7 @@ def bench_peer(params: Params, train: tuple[list[str], np.ndarray], test: tuple[
     )
 
     cfg, seed, device = params.fine_tune.finetune, params.fine_tune.seed, select_device()
-    path = resolve_backbone(params.backbone.name)
+    path = resolve_backbone(params.backbone.name, params.backbone.revision)
     tokenizer = AutoTokenizer.from_pretrained(path)
     set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels)

@@ -61,14 +61,16 @@ def resolve_backbone(name: str, revision: str | None = None) -> str:
         raise RetryableError(f"{where} fetching {what} from the hub failed: {error}") from None
 
 
-def hub_commit(path: str) -> str | None:
-    """The commit a resolved hub backbone holds (its snapshot folder's name); None for the default or a local folder.
+def hub_commit(name: str, path: str) -> str | None:
+    """The commit of hub backbone `name` that was loaded from `path` (its snapshot folder's name); None for the
+    default backbone or a local folder.
 
     Recorded with the features and the model, so a later stage, or the registry, loads this commit even after the
     branch the params name has moved."""
     folder = Path(path)
     in_hub_cache = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
-    return folder.name if in_hub_cache else None
+    is_hub_id = name != "default" and not Path(name).exists()
+    return folder.name if is_hub_id and in_hub_cache else None
 
 
 def select_device() -> torch.device:

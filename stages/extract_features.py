@@ -15,7 +15,6 @@ from stages.backbone import (
     hub_commit,
     load_encoder,
     native_bf16_cpu,
-    resolve_backbone,
     select_device,
 )
 from stages.config import BackboneConfig, ExtractConfig, load_params
@@ -40,8 +39,7 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
                      strategy: str) -> tuple[np.ndarray, dict]:
     """Embeddings of `texts` (input order) and a record of how they were made (`strategy`: fine_tune.strategy)."""
     device = select_device()
-    path = resolve_backbone(backbone.name, backbone.revision)
-    tokenizer, model = load_encoder(path, device)
+    tokenizer, model = load_encoder(backbone.name, device, backbone.revision)
     runtime, precision = resolve_runtime(cfg, device, strategy)
     forward = onnx_forward(model, tokenizer, precision, torch.get_num_threads()) if runtime == "onnxruntime" else None
     reduced = autocast_dtype(device, precision) if runtime == "torch" else None
@@ -54,8 +52,9 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
                     precision=precision if runtime == "torch" else "fp32", forward=forward)
     seconds = time.perf_counter() - start
     # Only what determines the vectors goes in `meta` (it is hashed with them); timings are logged, not saved.
-    meta = {"backbone": backbone.name, "backbone_revision": hub_commit(path), "max_length": backbone.max_length,
-            "runtime": runtime, "precision": precision, "rows": len(texts), "dim": int(vectors.shape[1])}
+    meta = {"backbone": backbone.name, "backbone_revision": hub_commit(backbone.name, model.name_or_path),
+            "max_length": backbone.max_length, "runtime": runtime, "precision": precision, "rows": len(texts),
+            "dim": int(vectors.shape[1])}
     log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads)", len(texts), meta["dim"],
              seconds, len(texts) / max(seconds, 1e-9), runtime, precision, device, torch.get_num_threads())
     return vectors, meta | {"seconds": seconds}

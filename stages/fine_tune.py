@@ -171,6 +171,9 @@ def fine_tune(params: Params, splits: pd.DataFrame, features: np.ndarray, labels
 def pinned_to_features(params: Params, meta: dict) -> Params:
     """`params` with backbone.revision set to the commit the features came from: LP-FT's encoder, and the backbone a
     linear probe names, must be the one its head was fit on, even if the branch the params name moved since."""
+    if meta.get("backbone", params.backbone.name) != params.backbone.name:
+        raise PipelineError(f"the features were extracted with backbone {meta['backbone']!r} but backbone.name is "
+                            f"{params.backbone.name!r}; run `dvc repro extract_features` to rebuild them")
     commit = meta.get("backbone_revision")
     return params if commit is None else params.model_copy(
         update={"backbone": params.backbone.model_copy(update={"revision": commit})})

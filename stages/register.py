@@ -187,12 +187,13 @@ def unfinished_registration(client: MlflowClient, name: str, key: str) -> ModelV
 
 
 def champion_before(client: MlflowClient, name: str, unfinished: ModelVersion | None) -> str | None:
-    """The champion this registration is gated against: the current one, or, when finishing a registration cut
-    short after its aliases moved, the one it recorded before moving them."""
-    recorded = unfinished.tags.get("gate.previous_champion") if unfinished is not None else None
-    if recorded is not None:
+    """The champion this registration is gated against: the current one, or, when finishing a registration that was
+    cut short after it had already taken `@champion`, the one it recorded before taking it."""
+    current = alias_version(client, name, CHAMPION)
+    if unfinished is not None and current == str(unfinished.version):
+        recorded = unfinished.tags.get("gate.previous_champion", "none")
         return None if recorded == "none" else recorded
-    return alias_version(client, name, CHAMPION)
+    return current
 
 
 def gate(client: MlflowClient, params: Params, previous: str | None, splits: pd.DataFrame,

@@ -11,7 +11,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from stages.backbone import embed, load_encoder, load_tokenizer, pad_batch, resolve_backbone, select_device
+from stages.backbone import (
+    embed,
+    hub_commit,
+    load_encoder,
+    load_tokenizer,
+    pad_batch,
+    resolve_backbone,
+    select_device,
+)
 from stages.config import BackboneConfig, ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
@@ -135,6 +143,14 @@ def test_a_hub_backbone_resolves_offline_and_its_commit_is_recorded_and_reloaded
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen == {"main": str(repo / "snapshots" / new), "pinned": str(repo / "snapshots" / old),
                     "recorded": new, "probe_runs": str(repo / "snapshots" / old)}
+
+
+def test_only_a_hub_id_records_a_commit(tmp_path: Path) -> None:
+    snapshot = tmp_path / "models--org--model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    assert hub_commit("org/model", str(snapshot)) == "a" * 40
+    assert hub_commit(str(snapshot), str(snapshot)) is None  # a local folder, even one inside a hub cache
+    assert hub_commit("default", resolve_backbone("default")) is None
 
 
 def test_a_revision_for_the_default_or_a_local_backbone_is_a_clear_error(tmp_path: Path) -> None:

@@ -39,6 +39,8 @@ def test_the_encoder_is_pinned_to_the_commit_the_features_came_from(tiny_params:
     hub = tiny_params.model_copy(update={"backbone": tiny_params.backbone.model_copy(update={"name": "org/model"})})
     assert pinned_to_features(hub, {"backbone_revision": "a" * 40}).backbone.revision == "a" * 40
     assert pinned_to_features(tiny_params, {"backbone_revision": None}) is tiny_params
+    with pytest.raises(PipelineError, match="extracted with backbone 'default' but backbone.name is 'org/model'"):
+        pinned_to_features(hub, {"backbone": "default", "backbone_revision": None})
 
 
 def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,

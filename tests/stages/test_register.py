@@ -138,26 +138,37 @@ register.main()
 """
 
 
-@pytest.mark.parametrize("cut", ["before_aliases", "after_aliases"])
+@pytest.mark.parametrize("cut", ["before_aliases", "after_aliases", "after_aliases_then_another_promoted"])
 def test_a_registration_cut_short_is_finished_not_registered_twice(fresh_registry: Path, cut: str) -> None:
     """A register killed after its version exists, before or after the aliases moved: the retry finishes that
-    version, gated against the champion it was gated against the first time, and leaves no stray copy."""
+    version, gated against the champion it displaced (or, if another version took `@champion` since, against that
+    one), and leaves no stray copy."""
     root = fresh_registry
     client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
     run([sys.executable, "-m", "stages.register"], root)
-    first = read_json(root / "reports/registry.json")
-    name = first["model_name"]
+    name = read_json(root / "reports/registry.json")["model_name"]
     set_param(root, "register", "min_gain_over_champion", -0.5)  # a new key, and a candidate that gets promoted
-    failed = run([sys.executable, "-c", INTERRUPTED_REGISTER, cut], root, check=False)
+    failed = run([sys.executable, "-c", INTERRUPTED_REGISTER, cut.removesuffix("_then_another_promoted")], root,
+                 check=False)
     assert failed.returncode != 0 and "killed mid-registration" in failed.stderr
     assert "register.key" not in client.get_model_version(name, "2").tags
+    champion_after_cut = "1" if cut == "before_aliases" else "2"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == champion_after_cut
+    expected = {"version": "2", "previous_champion": champion_after_cut if cut == "before_aliases" else "1"}
+    if cut == "after_aliases_then_another_promoted":
+        set_param(root, "register", "min_gain_over_champion", -0.4)  # another key: version 3 takes @champion
+        run([sys.executable, "-m", "stages.register"], root)
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+        set_param(root, "register", "min_gain_over_champion", -0.5)
+        expected["previous_champion"] = "3"
     run([sys.executable, "-m", "stages.register"], root)
     finished = read_json(root / "reports/registry.json")
-    assert finished["finished_after_interruption"] and finished["version"] == "2"
-    assert finished["decision"] == "promoted" and finished["previous_champion"] == "1"
-    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
+    assert finished["finished_after_interruption"] and finished["decision"] == "promoted"
+    assert {k: finished[k] for k in expected} == expected
+    versions = ["1", "2", "3"] if cut == "after_aliases_then_another_promoted" else ["1", "2"]
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == versions
     version = client.get_model_version(name, "2")
-    assert version.tags["register.key"] and version.tags["gate.previous_champion"] == "1"
+    assert version.tags["register.key"] and version.tags["gate.previous_champion"] == expected["previous_champion"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
     run([sys.executable, "-m", "stages.register"], root)
     assert read_json(root / "reports/registry.json")["reused"]

@@ -34,11 +34,12 @@ import torch
 import transformers
 
 from benchmarks import write_report
-from stages.backbone import load_encoder, native_bf16_cpu, resolve_backbone, select_device
+from stages.backbone import load_encoder, native_bf16_cpu, select_device
 from stages.config import Params, load_params
 from stages.extract_features import extract_features
 from stages.fine_tune import fit_probe
 from stages.finetune_loop import finetune, seed_everything
+from stages.hub import resolve_backbone
 from stages.ingest import ingest
 from stages.model import TextClassifier, head_from_sklearn, save_model
 from stages.preprocess import preprocess

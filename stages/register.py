@@ -12,8 +12,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -24,7 +24,7 @@ from stages.config import Params, load_params
 from stages.errors import PipelineError, RetryableError
 from stages.evaluate import probabilities
 from stages.io import log, read_json, remove_outputs, run_main, write_json
-from stages.model import ENCODER_DIR, encoder_path, read_info
+from stages.model_files import ENCODER_DIR, encoder_path, read_info
 from stages.ngram import UNBLENDED
 from stages.preprocess import text_key
 from stages.registry import (

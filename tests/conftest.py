@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +187,24 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_stay_per_test() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` / `set_registry_uri` also write os.environ: a stage run in-process must not point the
+    next test's subprocesses at its registry."""
+    before = {name: os.environ.get(name) for name in MLFLOW_URI_VARS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def project_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"}  # the registry is the tracking db
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))

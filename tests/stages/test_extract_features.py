@@ -13,16 +13,16 @@ from pydantic import ValidationError
 
 from stages.backbone import (
     embed,
-    hub_commit,
+    for_each_batch,
     load_encoder,
     load_tokenizer,
     pad_batch,
-    resolve_backbone,
     select_device,
 )
 from stages.config import BackboneConfig, ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
+from stages.hub import hub_commit, resolve_backbone
 from tests.conftest import ROOT, repo_cfg
 
 
@@ -112,10 +112,10 @@ def test_unknown_backbone_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 HUB_CHECK = """
 import json, sys
 from pathlib import Path
-from stages.backbone import resolve_backbone
+from stages.hub import resolve_backbone
 from stages.config import BackboneConfig, ExtractConfig
 from stages.extract_features import extract_features
-from stages.model import encoder_path, write_info
+from stages.model_files import encoder_path, write_info
 from tests.conftest import repo_cfg
 _, meta = extract_features(["a fine film", "dull"], BackboneConfig(name="example/minilm", max_length=32),
                            repo_cfg("extract_features", precision="fp32"), "linear_probe")
@@ -178,3 +178,34 @@ def test_pad_batch_equals_the_tokenizers_own_padding(side: str) -> None:
     for key in ("input_ids", "attention_mask"):
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key])
     assert not torch.equal(ours["attention_mask"][:, 0], ours["attention_mask"][:, -1])  # really padded
+
+
+def test_batch_parallel_embedding_equals_the_sequential_one(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
+    texts = tiny_splits[0]["text"].tolist()[:40]
+    tokenizer, model = load_encoder("default", torch.device("cpu"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = embed(texts, tokenizer, model, max_length=64, batch_size=8)
+        assert torch.get_num_threads() == 2  # the batch threads' one intra-op thread each is undone
+        torch.set_num_threads(1)
+        sequential = embed(texts, tokenizer, model, max_length=64, batch_size=8)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(parallel, sequential, atol=1e-5)
+    assert np.abs(parallel).sum(axis=1).min() > 0  # every row written
+
+
+def test_an_error_in_a_parallel_batch_reaches_the_caller() -> None:
+    def fail_on_three(batch: list[int]) -> None:
+        if 3 in batch:
+            raise ValueError("batch 3")
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="batch 3"):
+            for_each_batch(fail_on_three, [[0, 1], [2, 3], [4]], torch.device("cpu"), "fp32")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.backbone import resolve_backbone
 from stages.config import Params
 from stages.errors import PipelineError
 from stages.fine_tune import fine_tune, pinned_to_features, training_metrics
+from stages.hub import resolve_backbone
 from stages.model import HEAD_FILE, TextClassifier, read_info
 from stages.preprocess import UNLABELED, preprocess
 from tests.conftest import SERVED_ATOL, drop_labels, repo_cfg, self_training_on, with_blend

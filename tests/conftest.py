@@ -240,3 +240,13 @@ def fresh_registry(pipeline_project: Path, tmp_path: Path) -> Path:
     root = tmp_path / "copy"
     shutil.copytree(pipeline_project, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
     return root
+
+
+@pytest.fixture
+def registered(pipeline_project: Path, tmp_path: Path) -> Path:
+    """A copy of the pipeline project with its registry, where `dvc repro` registered the model as version 1 and made
+    it @champion. The copied db keeps its absolute artifact paths, into the original's `mlruns`: a test that damages a
+    registered model's files uses `fresh_registry` instead."""
+    root = tmp_path / "copy"
+    shutil.copytree(pipeline_project, root, ignore=shutil.ignore_patterns("mlruns"))
+    return root

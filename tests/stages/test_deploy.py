@@ -27,9 +27,8 @@ def test_deploy_record_of_a_good_run(pipeline_project: Path) -> None:
     assert len(record["smoke"]["predictions"]) == 2 and record["smoke"]["latency_ms"] > 0
 
 
-def _registered(root: Path) -> tuple[MlflowClient, str]:
-    """Register the copy's candidate as version 1, promoted to @champion by the empty registry."""
-    run([sys.executable, "-m", "stages.register"], root)
+def _champion(root: Path) -> tuple[MlflowClient, str]:
+    """The project's candidate, registered as version 1 and promoted to @champion by the empty registry."""
     registry = read_json(root / "reports/registry.json")
     assert registry["decision"] == "promoted" and str(registry["version"]) == "1"
     return registry_client(f"sqlite:///{root / 'mlflow.db'}"), registry["model_name"]
@@ -37,7 +36,8 @@ def _registered(root: Path) -> tuple[MlflowClient, str]:
 
 def test_a_model_that_cannot_load_rolls_the_champion_back(fresh_registry: Path) -> None:
     root = fresh_registry
-    client, name = _registered(root)
+    run([sys.executable, "-m", "stages.register"], root)
+    client, name = _champion(root)
     (Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path)) / "MLmodel").unlink()
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
     assert result.returncode == 2 and "smoke test" in result.stderr
@@ -52,7 +52,8 @@ def test_a_reused_registration_is_never_rolled_back(fresh_registry: Path) -> Non
     """A fresh clone or a nightly run reuses the version it promoted long ago: a failure to serve it here is
     reported, but says nothing against that version, so @champion stays."""
     root = fresh_registry
-    client, name = _registered(root)
+    run([sys.executable, "-m", "stages.register"], root)
+    client, name = _champion(root)
     run([sys.executable, "-m", "stages.register"], root)
     assert read_json(root / "reports/registry.json")["reused"]
     (Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path)) / "MLmodel").unlink()
@@ -72,19 +73,19 @@ def _assert_unavailable_keeps_champion(root: Path, client: MlflowClient, name: s
     assert "deploy.rolled_back" not in client.get_model_version(name, "1").tags
 
 
-def test_a_server_slow_to_start_is_retryable_and_keeps_the_champion(fresh_registry: Path) -> None:
-    client, name = _registered(fresh_registry)
-    set_param(fresh_registry, "deploy", "startup_timeout_s", 0.001)  # the real server cannot answer in time
-    _assert_unavailable_keeps_champion(fresh_registry, client, name, "did not answer")
+def test_a_server_slow_to_start_is_retryable_and_keeps_the_champion(registered: Path) -> None:
+    client, name = _champion(registered)
+    set_param(registered, "deploy", "startup_timeout_s", 0.001)  # the real server cannot answer in time
+    _assert_unavailable_keeps_champion(registered, client, name, "did not answer")
 
 
-def test_a_port_in_use_is_retryable_and_keeps_the_champion(fresh_registry: Path) -> None:
-    client, name = _registered(fresh_registry)
+def test_a_port_in_use_is_retryable_and_keeps_the_champion(registered: Path) -> None:
+    client, name = _champion(registered)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        set_param(fresh_registry, "deploy", "port", taken.getsockname()[1])
-        _assert_unavailable_keeps_champion(fresh_registry, client, name, "already in use")
+        set_param(registered, "deploy", "port", taken.getsockname()[1])
+        _assert_unavailable_keeps_champion(registered, client, name, "already in use")
 
 
 def test_a_server_that_finds_its_port_taken_is_retryable() -> None:

@@ -66,12 +66,11 @@ def test_text_fingerprints_are_stable_and_distinct() -> None:
     assert fingerprints(pd.Series(["A  Film", "a film"])).tolist() == [int(prints[0])] * 2
 
 
-def test_registry_aliases_follow_the_gate(fresh_registry: Path) -> None:
-    root = fresh_registry
+def test_registry_aliases_follow_the_gate(registered: Path) -> None:
+    root = registered
     client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
     register = [sys.executable, "-m", "stages.register"]
-    run(register, root)
-    first = read_json(root / "reports/registry.json")
+    first = read_json(root / "reports/registry.json")  # what `dvc repro` registered into the empty registry
     name = first["model_name"]
     assert first["decision"] == "promoted" and first["previous_champion"] is None
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
@@ -139,13 +138,12 @@ register.main()
 
 
 @pytest.mark.parametrize("cut", ["before_aliases", "after_aliases", "after_aliases_then_another_promoted"])
-def test_a_registration_cut_short_is_finished_not_registered_twice(fresh_registry: Path, cut: str) -> None:
+def test_a_registration_cut_short_is_finished_not_registered_twice(registered: Path, cut: str) -> None:
     """A register killed after its version exists, before or after the aliases moved: the retry finishes that
     version, gated against the champion it displaced (or, if another version took `@champion` since, against that
     one), and leaves no stray copy."""
-    root = fresh_registry
+    root = registered
     client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
-    run([sys.executable, "-m", "stages.register"], root)
     name = read_json(root / "reports/registry.json")["model_name"]
     set_param(root, "register", "min_gain_over_champion", -0.5)  # a new key, and a candidate that gets promoted
     failed = run([sys.executable, "-c", INTERRUPTED_REGISTER, cut.removesuffix("_then_another_promoted")], root,
@@ -174,10 +172,9 @@ def test_a_registration_cut_short_is_finished_not_registered_twice(fresh_registr
     assert read_json(root / "reports/registry.json")["reused"]
 
 
-def test_a_new_split_compares_the_champion_only_on_rows_new_to_it(fresh_registry: Path, tmp_path: Path) -> None:
+def test_a_new_split_compares_the_champion_only_on_rows_new_to_it(registered: Path) -> None:
     """After the split changes, some of the new test rows were the champion's training rows: they do not count."""
-    root = fresh_registry
-    run([sys.executable, "-m", "stages.register"], root)
+    root = registered
     old = pd.read_parquet(root / "data/processed/splits.parquet")
     set_param(root, "preprocess", "seed", 1)
     run([sys.executable, "-m", "dvc", "repro", "register"], root)

@@ -151,6 +151,6 @@ def test_a_stage_past_its_timeout_is_stopped_with_its_children(prefect_server: s
     result = _flow(root, prefect_server)
     assert result.returncode != 0
     assert "extract_features ran past its timeout of 1" in result.stdout + result.stderr
-    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
-                 if "stages.extract_features" in " ".join(p.info["cmdline"] or [])]
+    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline", "cwd"])  # this project's stage only
+                 if "stages.extract_features" in " ".join(p.info["cmdline"] or []) and p.info["cwd"] == str(root)]
     assert not leftovers, f"the stage process outlived its timeout: {leftovers}"

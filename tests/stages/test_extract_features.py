@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +197,11 @@ def test_batch_parallel_embedding_equals_the_sequential_one(tiny_splits: tuple[p
     assert np.abs(parallel).sum(axis=1).min() > 0  # every row written
 
 
-def test_an_error_in_a_parallel_batch_reaches_the_caller() -> None:
+def test_parallel_batches_run_on_the_pool_and_an_error_reaches_the_caller() -> None:
+    seen: list[tuple[str, int]] = []
+
     def fail_on_three(batch: list[int]) -> None:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
         if 3 in batch:
             raise ValueError("batch 3")
 
@@ -209,3 +213,4 @@ def test_an_error_in_a_parallel_batch_reaches_the_caller() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+    assert seen and all(name.startswith("batch") and intra_op == 1 for name, intra_op in seen)

@@ -234,19 +234,37 @@ def set_param(root: Path, section: str, key: str, value: object) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture
-def fresh_registry(pipeline_project: Path, tmp_path: Path) -> Path:
-    """A copy of the pipeline project with an empty MLflow registry of its own."""
-    root = tmp_path / "copy"
-    shutil.copytree(pipeline_project, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+def relocate_registry(root: Path, old_root: Path) -> None:
+    """Point the copied MLflow db of `root` (a copy of `old_root`, `mlruns` included) at its own artifacts: the db
+    and the MLmodel files hold absolute paths into `old_root`."""
+    import sqlite3
+
+    old, new = str(old_root), str(root)
+    with sqlite3.connect(root / "mlflow.db") as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        columns = [(table, column) for table in tables
+                   for _, column, kind, *_ in db.execute(f"PRAGMA table_info('{table}')") if "CHAR" in kind.upper()
+                   or "TEXT" in kind.upper()]
+        for table, column in columns:
+            db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                       (old, new, old))
+        left = [(t, c) for t, c in columns
+                if db.execute(f'SELECT count(*) FROM "{t}" WHERE instr("{c}", ?) > 0', (old,)).fetchone()[0]]
+    for mlmodel in (root / "mlruns").rglob("MLmodel"):
+        mlmodel.write_text(mlmodel.read_text().replace(old, new))
+    assert not left, f"MLflow columns still pointing into {old}: {left}"
+
+
+def copy_project(source: Path, root: Path) -> Path:
+    """A copy of a reproduced project whose MLflow runs, registry and artifacts are its own: what the copy registers
+    or damages never lands in `source`'s `mlruns`."""
+    shutil.copytree(source, root)
+    relocate_registry(root, source)
     return root
 
 
 @pytest.fixture
 def registered(pipeline_project: Path, tmp_path: Path) -> Path:
-    """A copy of the pipeline project with its registry, where `dvc repro` registered the model as version 1 and made
-    it @champion. The copied db keeps its absolute artifact paths, into the original's `mlruns`: a test that damages a
-    registered model's files uses `fresh_registry` instead."""
-    root = tmp_path / "copy"
-    shutil.copytree(pipeline_project, root, ignore=shutil.ignore_patterns("mlruns"))
-    return root
+    """A copy of the pipeline project with its own registry and artifacts, where `dvc repro` registered the model as
+    version 1 and made it @champion: a test may damage what is registered without touching the shared project."""
+    return copy_project(pipeline_project, tmp_path / "copy")

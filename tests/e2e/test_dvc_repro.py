@@ -1,14 +1,13 @@
 """`dvc repro` end to end on the tiny data: all seven stages, no-op rerun, partial rerun, metrics, plots, exp run."""
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from stages.io import read_json
-from tests.conftest import run
+from tests.conftest import copy_project, run
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
@@ -52,7 +51,7 @@ def test_second_repro_runs_nothing(pipeline_project: Path) -> None:
 
 def test_changing_a_fine_tune_param_reruns_only_downstream(pipeline_project: Path, tmp_path: Path) -> None:
     root = tmp_path / "copy"  # `dvc exp run` applies its result to the workspace: keep the shared project as it was
-    shutil.copytree(pipeline_project, root)
+    copy_project(pipeline_project, root)
     before = read_json(root / "reports/registry.json")["version"]
     result = run([*DVC, "exp", "run", "-S", "fine_tune.linear_probe.C=0.5"], root)
     assert ran(result.stdout) == ["fine_tune", "evaluate", "register", "deploy"]

@@ -14,7 +14,7 @@ import yaml
 from flows import stack
 from flows.dag import read_dag
 from flows.pipeline import stage_exit_code, up_to_date
-from tests.conftest import ROOT, make_project, project_env, registry_client, run
+from tests.conftest import ROOT, copy_project, make_project, project_env, registry_client, run
 
 pytestmark = pytest.mark.e2e
 STAGES = ["ingest", "preprocess", "extract_features", "fine_tune", "evaluate", "register", "deploy"]
@@ -54,7 +54,7 @@ def test_the_stage_exit_code_is_read_from_dvc_repro(tmp_path: Path, cmd: str) ->
 
 def test_the_flow_skips_exactly_what_dvc_repro_skips(pipeline_project: Path, tmp_path: Path) -> None:
     root = tmp_path / "copy"
-    shutil.copytree(pipeline_project, root)
+    copy_project(pipeline_project, root)
     (root / "studies").mkdir()
     shutil.copy2(ROOT / "studies" / "dvc.yaml", root / "studies" / "dvc.yaml")  # stages of another dvc.yaml, never run
     studies = {"studies/dvc.yaml:data_efficiency", "studies/dvc.yaml:adapt"}

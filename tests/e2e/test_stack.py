@@ -1,6 +1,7 @@
 """Production shape, all real processes on loopback: an `mlflow server` registry over HTTP, a DVC remote
 round trip from a fresh clone, and a Prefect worker in the GPU pool running a deployment from git + dvc pull."""
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,11 +13,12 @@ import requests
 from flows import stack
 from stages.io import read_json
 from stages.service import background_service, free_port
-from tests.conftest import make_project, project_env, registry_client
+from tests.conftest import project_env, registry_client
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
 GIT = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+STAGES = ["ingest", "preprocess", "extract_features", "fine_tune", "evaluate", "register", "deploy"]
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,21 @@ def sh(cmd: list[str], root: Path, env: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def pushed_project(servers: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A tiny project reproduced against the MLflow server, its lock committed, its outputs pushed to a DVC remote."""
+def pushed_project(servers: tuple[str, str], pipeline_project: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A tiny project reproduced against the MLflow server, its lock committed, its outputs pushed to a DVC remote.
+    It starts from a copy of the pipeline project without its registry or the records of register and deploy: only
+    those two stages talk to MLflow, so `dvc repro` reruns exactly them, against the server."""
     api, mlflow_uri = servers
     base = tmp_path_factory.mktemp("stack")
-    root = make_project(base / "project")
+    root = base / "project"
+    shutil.copytree(pipeline_project, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    for record in ("reports/registry.json", "reports/deployment.json"):
+        (root / record).unlink()
     env = project_env(root) | {"MLFLOW_TRACKING_URI": mlflow_uri, "PREFECT_API_URL": api}
     sh([*DVC, "remote", "add", "--default", "--force", "local", str(base / "dvc-remote")], root, env)
-    sh([*DVC, "repro"], root, env)
+    output = sh([*DVC, "repro"], root, env)
+    assert [s for s in STAGES if f"Running stage '{s}'" in output] == ["register", "deploy"]
     sh([*GIT, "add", "-A"], root, env)
     sh([*GIT, "commit", "-qm", "reproduced"], root, env)
     sh([*DVC, "push"], root, env)

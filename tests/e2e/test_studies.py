@@ -9,7 +9,7 @@ import pytest
 
 from flows.dag import read_dag
 from stages.io import read_json
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, copy_project, run
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
@@ -20,7 +20,7 @@ STUDIES = ["studies/dvc.yaml:data_efficiency", "studies/dvc.yaml:adapt"]
 def studied(pipeline_project: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A copy of the pipeline project with studies/dvc.yaml added, after `dvc repro studies/dvc.yaml`."""
     root = tmp_path_factory.mktemp("studies") / "project"
-    shutil.copytree(pipeline_project, root)
+    copy_project(pipeline_project, root)
     shutil.copytree(ROOT / "studies", root / "studies", ignore=shutil.ignore_patterns("dvc.lock"))
     return root, run([*DVC, "repro", "studies/dvc.yaml"], root).stdout
 

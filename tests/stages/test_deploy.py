@@ -34,9 +34,8 @@ def _champion(root: Path) -> tuple[MlflowClient, str]:
     return registry_client(f"sqlite:///{root / 'mlflow.db'}"), registry["model_name"]
 
 
-def test_a_model_that_cannot_load_rolls_the_champion_back(fresh_registry: Path) -> None:
-    root = fresh_registry
-    run([sys.executable, "-m", "stages.register"], root)
+def test_a_model_that_cannot_load_rolls_the_champion_back(registered: Path) -> None:
+    root = registered
     client, name = _champion(root)
     (Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path)) / "MLmodel").unlink()
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
@@ -48,11 +47,10 @@ def test_a_model_that_cannot_load_rolls_the_champion_back(fresh_registry: Path) 
     assert "deploy.rolled_back" in client.get_model_version(name, "1").tags
 
 
-def test_a_reused_registration_is_never_rolled_back(fresh_registry: Path) -> None:
+def test_a_reused_registration_is_never_rolled_back(registered: Path) -> None:
     """A fresh clone or a nightly run reuses the version it promoted long ago: a failure to serve it here is
     reported, but says nothing against that version, so @champion stays."""
-    root = fresh_registry
-    run([sys.executable, "-m", "stages.register"], root)
+    root = registered
     client, name = _champion(root)
     run([sys.executable, "-m", "stages.register"], root)
     assert read_json(root / "reports/registry.json")["reused"]

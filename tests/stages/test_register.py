@@ -1,6 +1,7 @@
 import hashlib
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import pytest
@@ -105,12 +106,11 @@ def test_registry_aliases_follow_the_gate(registered: Path) -> None:
     assert run_data.params["fine_tune.strategy"] == "linear_probe"
 
 
-def test_the_same_registration_is_not_registered_twice(fresh_registry: Path) -> None:
+def test_the_same_registration_is_not_registered_twice(registered: Path) -> None:
     """A fresh clone of a registered project, or a retried run: same model, split and gate, so no second version."""
-    root = fresh_registry
+    root = registered
     client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
-    run([sys.executable, "-m", "stages.register"], root)
-    first = read_json(root / "reports/registry.json")
+    first = read_json(root / "reports/registry.json")  # what `dvc repro` registered into the empty registry
     run([sys.executable, "-m", "stages.register"], root)
     again = read_json(root / "reports/registry.json")
     assert again == first | {"reused": True}  # the record as it was written then, champion comparison included
@@ -193,17 +193,17 @@ def test_a_new_split_compares_the_champion_only_on_rows_new_to_it(registered: Pa
     assert compared["candidate_accuracy"] == pytest.approx(float((candidate.argmax(axis=1) == labels).mean()))
 
 
-def test_a_champion_that_no_longer_loads_is_a_clear_error(fresh_registry: Path) -> None:
-    root = fresh_registry
+def test_a_champion_that_no_longer_loads_is_a_clear_error(registered: Path) -> None:
+    root = registered
     register = [sys.executable, "-m", "stages.register"]
-    run(register, root)
-    saved = list((root / "mlruns").rglob("ngram/ngram.json"))  # the champion's copy in MLflow's artifact store
-    assert len(saved) == 1
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    champion = Path(unquote(urlparse(client.get_model_version_download_uri("transfer-classifier", "1")).path))
+    saved = list(champion.rglob("ngram/ngram.json"))  # the champion's copy in MLflow's artifact store
+    assert len(saved) == 1 and saved[0].is_relative_to(root)
     saved[0].write_text("{}")  # as if saved by code that wrote another format
     set_param(root, "register", "min_accuracy", 0.3)  # another gate: a new registration, which re-scores the champion
     result = run(register, root, check=False)
     assert result.returncode == 2
     assert "champion transfer-classifier@champion (version 1) does not load" in result.stderr
     assert "set_registered_model_alias" in result.stderr
-    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
     assert [str(v.version) for v in client.search_model_versions("name='transfer-classifier'")] == ["1"]  # nothing stray

@@ -46,6 +46,7 @@ bench: pipeline  ## speed and accuracy vs the peers, side by side; then the cold
 	$(BIN)/python -m benchmarks.run --out reports/benchmarks.json
 	$(BIN)/python -m benchmarks.pipeline --out reports/pipeline_benchmark.json
 	$(BIN)/python -m benchmarks.accuracy --out reports/accuracy.json
+	$(BIN)/python -m benchmarks.setfit_peer --out reports/setfit_peer.json
 	$(BIN)/python -m benchmarks.adaptation_ceiling --seeds 0 1 2 --out reports/adaptation_ceiling.json
 	$(BIN)/python -m benchmarks.adaptation_variants --seeds 0 1 2 --runs 4 --out reports/adaptation_variants.json
 

@@ -1,13 +1,17 @@
 """The helpers behind benchmark figures: the fp32 ceiling, the adaptation ceiling's rows, the seed spread's read-back,
-the adaptation variants' weight mixing."""
+the adaptation variants' weight mixing, the SetFit peer."""
+
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.adaptation_ceiling import ceiling_rows, halves, many_labels
 from benchmarks.adaptation_variants import domain_points, interpolate, soup, variant_proba
 from benchmarks.run import linear_flop_per_token
 from benchmarks.seeds import experiments_by_name, figures, summary
+from benchmarks.setfit_peer import train_setfit
 from stages.adapt import TargetRows, adapt_loop, draw_target
 from stages.backbone import load_encoder
 from stages.config import Params
@@ -104,3 +108,20 @@ def test_adaptation_variants_at_their_end_points_are_the_models_they_mix(tiny_pa
     half_a = halves(target.scored, 0)[1]  # the scored half of adaptation_ceiling's split
     unadapted = probabilities(predictions, UNBLENDED)[half_a.index].argmax(axis=1)
     assert points[0]["half_a"] == float((unadapted == half_a["label_id"].to_numpy()).mean())
+
+
+def test_the_setfit_peer_trains_its_body_seeded_and_leaves_no_files(tiny_splits, monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    from setfit import SetFitModel
+
+    from stages.hub import resolve_backbone
+
+    splits = tiny_splits[0]
+    rows = splits[splits["split"] == "train"].groupby("label").head(4)
+    texts = splits.loc[splits["split"] == "test", "text"].tolist()
+    monkeypatch.chdir(tmp_path)
+    first, second = (train_setfit(REPO_PARAMS, rows, iterations=4, seed=0) for _ in range(2))
+    assert list(tmp_path.iterdir()) == []
+    np.testing.assert_allclose(first.predict_proba(texts), second.predict_proba(texts), atol=1e-6)
+    pretrained = SetFitModel.from_pretrained(str(resolve_backbone("default"))).model_body.encode(texts)
+    assert not np.allclose(first.model_body.encode(texts), pretrained, atol=1e-4)  # contrastive training moved it

@@ -4,7 +4,9 @@ SetFit (the `setfit` package, Tunstall et al. 2022) trains the same backbone con
 (`--iterations` positive and negative pairs per row, one epoch, its default learning rates), then fits its logistic
 regression head on the tuned embeddings. Ours is the data-efficiency study's draw with the pipeline's `finetune`
 (LP-FT) settings from params.yaml (`--set` changes them, as in `benchmarks.accuracy`), and the no-transfer baseline.
-Every model sees the same rows, truncated at fine_tune.finetune.max_length tokens, and is scored on the same split.
+Every model sees the same rows and is scored on the same split; SetFit keeps its own token limit (the body's 256;
+ours is fine_tune.finetune.max_length, 64: 6 of the 10,565 default movie texts are longer, none beyond 79 tokens).
+Our seconds include the baseline's fits but not extract_features, which the pipeline runs once for every row.
 Run `dvc repro extract_features` first (LP-FT starts from a probe on the pipeline's features).
 
 Run from the project root:  python -m benchmarks.setfit_peer [--budgets 64] [--seeds 0 1 2 3 4] [--out FILE.json]
@@ -40,8 +42,7 @@ def train_setfit(params: Params, rows: pd.DataFrame, iterations: int, seed: int)
     train = Dataset.from_dict({"text": rows["text"].tolist(), "label": rows["label_id"].tolist()})
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(output_dir=scratch, save_strategy="no", report_to="none", seed=seed,
-                                 num_iterations=iterations, num_epochs=1, batch_size=16,
-                                 max_length=params.fine_tune.finetune.max_length)
+                                 num_iterations=iterations, num_epochs=1, batch_size=16)
         Trainer(model=model, args=args, train_dataset=train).train()
     return model
 
@@ -81,7 +82,10 @@ def main() -> None:
                            "setfit_accuracy": setfit_accuracy(params, rows, scored, args.iterations, seed)})
             print(setfit[-1], flush=True)
     seconds["setfit"] = round(time.perf_counter() - start, 1)
-    points = ours.merge(pd.DataFrame(setfit), on=["labels_per_class", "seed"])
+    points = ours.merge(pd.DataFrame(setfit), on=["labels_per_class", "seed"], validate="one_to_one")
+    if len(points) != len(ours):
+        raise SystemExit(f"--budgets {args.budgets}: SetFit's draws are not ours (a budget at or above a class's size "
+                         "is one draw of every row for both; give each budget once, below the largest class)")
     points = points.rename(columns={"transfer_accuracy": "ours_accuracy"})
     shown = ["ours_accuracy", "setfit_accuracy", "baseline_accuracy"]
     grouped = points.groupby("labels_per_class")[shown]

@@ -238,9 +238,10 @@ def relocate_registry(root: Path, old_root: Path) -> None:
     """Point the copied MLflow db of `root` (a copy of `old_root`, `mlruns` included) at its own artifacts: the db
     and the MLmodel files hold absolute paths into `old_root`."""
     import sqlite3
+    from contextlib import closing
 
-    old, new = str(old_root), str(root)
-    with sqlite3.connect(root / "mlflow.db") as db:
+    old, new = f"{old_root}/", f"{root}/"
+    with closing(sqlite3.connect(root / "mlflow.db")) as db, db:
         tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         columns = [(table, column) for table in tables
                    for _, column, kind, *_ in db.execute(f"PRAGMA table_info('{table}')") if "CHAR" in kind.upper()
@@ -249,10 +250,10 @@ def relocate_registry(root: Path, old_root: Path) -> None:
             db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
                        (old, new, old))
         left = [(t, c) for t, c in columns
-                if db.execute(f'SELECT count(*) FROM "{t}" WHERE instr("{c}", ?) > 0', (old,)).fetchone()[0]]
+                if db.execute(f'SELECT count(*) FROM "{t}" WHERE instr("{c}", ?) > 0', (str(old_root),)).fetchone()[0]]
     for mlmodel in (root / "mlruns").rglob("MLmodel"):
         mlmodel.write_text(mlmodel.read_text().replace(old, new))
-    assert not left, f"MLflow columns still pointing into {old}: {left}"
+    assert not left, f"MLflow columns still pointing into {old_root}: {left}"
 
 
 def copy_project(source: Path, root: Path) -> Path:

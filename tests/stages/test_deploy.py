@@ -37,7 +37,9 @@ def _champion(root: Path) -> tuple[MlflowClient, str]:
 def test_a_model_that_cannot_load_rolls_the_champion_back(registered: Path) -> None:
     root = registered
     client, name = _champion(root)
-    (Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path)) / "MLmodel").unlink()
+    registered_model = Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path))
+    assert registered_model.is_relative_to(root)  # this test's own copy, never the shared project's
+    (registered_model / "MLmodel").unlink()
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
     assert result.returncode == 2 and "smoke test" in result.stderr
     record = read_json(root / "reports/deployment.json")
@@ -54,7 +56,9 @@ def test_a_reused_registration_is_never_rolled_back(registered: Path) -> None:
     client, name = _champion(root)
     run([sys.executable, "-m", "stages.register"], root)
     assert read_json(root / "reports/registry.json")["reused"]
-    (Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path)) / "MLmodel").unlink()
+    registered_model = Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path))
+    assert registered_model.is_relative_to(root)  # this test's own copy, never the shared project's
+    (registered_model / "MLmodel").unlink()
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
     assert result.returncode == 2
     record = read_json(root / "reports/deployment.json")

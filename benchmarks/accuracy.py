@@ -76,6 +76,14 @@ def override(params: Params, key: str, value: Any) -> Params:
         raise SystemExit(f"--grid/--set {key}={value!r}: {error.errors()[0]['msg']}") from None
 
 
+def params_with(sets: list[str]) -> Params:
+    """params.yaml with each `--set KEY=VALUE` applied, pinned to the features on disk (what they were made with)."""
+    params = load_params()
+    for key, value in map(parse_set, sets):
+        params = override(params, key, value)
+    return pinned_to_features(params, read_json(params.paths.features / META_FILE))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 512], help="labelled rows per class")
@@ -88,10 +96,7 @@ def main() -> None:
                         help="fix a fine_tune.* params.yaml key for every run (repeatable)")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
-    base = load_params()
-    for key, value in map(parse_set, args.set):
-        base = override(base, key, value)
-    base = pinned_to_features(base, read_json(base.paths.features / META_FILE))
+    base = params_with(args.set)
     splits = pd.read_parquet(base.paths.splits)
     features = load_features(base.paths.features)
     grid_key, grid_values = parse_grid(args.grid)

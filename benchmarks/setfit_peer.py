@@ -5,7 +5,7 @@ SetFit (the `setfit` package, Tunstall et al. 2022) trains the same backbone con
 regression head on the tuned embeddings. Ours is the data-efficiency study's draw with the pipeline's `finetune`
 (LP-FT) settings from params.yaml (`--set` changes them, as in `benchmarks.accuracy`), and the no-transfer baseline.
 Every model sees the same rows and is scored on the same split; SetFit keeps its own token limit (the body's 256;
-ours is fine_tune.finetune.max_length, 64: 6 of the 10,565 default movie texts are longer, none beyond 79 tokens).
+ours is fine_tune.finetune.max_length, 64).
 Our seconds include the baseline's fits but not extract_features, which the pipeline runs once for every row.
 Run `dvc repro extract_features` first (LP-FT starts from a probe on the pipeline's features).
 
@@ -24,12 +24,11 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import write_report
-from benchmarks.accuracy import override, parse_set
-from stages.config import Params, load_params
+from benchmarks.accuracy import params_with
+from stages.config import Params
 from stages.data_efficiency import draws, run_curve
-from stages.fine_tune import pinned_to_features
 from stages.hub import resolve_backbone
-from stages.io import META_FILE, load_features, read_json
+from stages.io import load_features
 
 
 def train_setfit(params: Params, rows: pd.DataFrame, iterations: int, seed: int) -> Any:
@@ -63,10 +62,7 @@ def main() -> None:
                         help="fix a fine_tune.* params.yaml key for our runs (repeatable)")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
-    params = load_params()
-    for key, value in map(parse_set, args.set):
-        params = override(params, key, value)
-    params = pinned_to_features(params, read_json(params.paths.features / META_FILE))
+    params = params_with(args.set)
     splits = pd.read_parquet(params.paths.splits)
     train, scored = splits[splits["split"] == "train"], splits[splits["split"] == args.scored_split]
     cfg = params.data_efficiency.model_copy(update={"labels_per_class": args.budgets, "seeds": args.seeds,

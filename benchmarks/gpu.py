@@ -30,7 +30,7 @@ def _speed(variant: str, rows: int) -> dict[str, float]:
     """In this (fresh) process: the loop and extraction, cold then warm. `variant`: 'ours' or 'cudnn'."""
     from torch.nn.attention import SDPBackend
 
-    import stages.backbone as backbone
+    from stages import backbone
     from stages.config import load_params
     from stages.finetune_loop import finetune
     from stages.model import head_from_sklearn
@@ -94,8 +94,8 @@ def main() -> None:
     if args.speed_variant:
         print(json.dumps(_speed(args.speed_variant, args.rows)))
         return
-    from stages.config import load_params
     from benchmarks import write_report
+    from stages.config import load_params
 
     params = load_params()
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "speed": {}}

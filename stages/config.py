@@ -119,6 +119,12 @@ class SelfTrainingConfig(_Section):
     rounds: int = Field(ge=1, le=10)
 
 
+class ContrastiveConfig(_Section):
+    pairs_per_row: int = Field(ge=0, le=1000)
+    learning_rate: float = Field(gt=0.0, lt=1.0)
+    batch_size: int = Field(ge=1)
+
+
 class BaselineConfig(_Section):
     max_features: int = Field(ge=10)
     ngram_max: int = Field(ge=1, le=5)
@@ -134,14 +140,18 @@ class FineTuneConfig(_Section):
     seed: int
     linear_probe: LinearProbeConfig
     finetune: FinetuneConfig
+    contrastive: ContrastiveConfig
     self_training: SelfTrainingConfig
     baseline: BaselineConfig
     blend: BlendConfig
 
     @model_validator(mode="after")
-    def _self_training_follows_finetune(self) -> FineTuneConfig:
+    def _lpft_options_need_finetune(self) -> FineTuneConfig:
         if self.self_training.epochs > 0 and self.strategy != "finetune":
             raise ValueError("fine_tune.self_training.epochs > 0 continues LP-FT: it needs fine_tune.strategy: finetune")
+        if self.contrastive.pairs_per_row > 0 and self.strategy != "finetune":
+            raise ValueError("fine_tune.contrastive.pairs_per_row > 0 trains the encoder before LP-FT: it needs "
+                             "fine_tune.strategy: finetune")
         return self
 
 

@@ -124,7 +124,8 @@ def log_curve(params: Params, curve: pd.DataFrame, folder: Path) -> str:
         mlflow.log_params({"strategy": cfg.strategy, "labels_per_class": str(cfg.labels_per_class),
                            "seeds": str(cfg.seeds), "backbone": params.backbone.name,
                            "self_training_rounds": params.fine_tune.self_training.rounds,
-                           "self_training_epochs": params.fine_tune.self_training.epochs})
+                           "self_training_epochs": params.fine_tune.self_training.epochs,
+                           "contrastive_pairs_per_row": params.fine_tune.contrastive.pairs_per_row})
         for row in curve.itertuples():
             mlflow.log_metrics({"transfer_accuracy": row.transfer_accuracy, "baseline_accuracy": row.baseline_accuracy,
                                 "gain": row.gain}, step=int(row.labels_per_class))

@@ -15,8 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.backbone import load_encoder, select_device
+from stages.backbone import embed, load_encoder, select_device
 from stages.config import BaselineConfig, BlendConfig, LinearProbeConfig, Params, load_params
+from stages.contrastive import contrastive_warmup
 from stages.errors import PipelineError
 from stages.finetune_loop import TrainLog, seed_everything, train_at_least
 from stages.io import (
@@ -55,10 +56,19 @@ def _probabilities(prefix: str, proba: np.ndarray) -> dict[str, np.ndarray]:
 def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.ndarray],
                         val: tuple[list[str], np.ndarray] | None, seed: int,
                         ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, TrainLog]:
-    """LP-FT: the pretrained backbone and the probe's `head` trained together, in place."""
+    """LP-FT: the pretrained backbone and the probe's `head` trained together, in place. With
+    fine_tune.contrastive, the backbone first warms up on pairs of `train` rows and `head` is refitted on its new
+    embeddings."""
     seed_everything(seed)
+    cfg = params.fine_tune
     tokenizer, encoder = load_encoder(params.backbone.name, select_device(), params.backbone.revision)
-    return tokenizer, encoder, train_at_least(encoder, tokenizer, head, params.fine_tune.finetune, train, val, seed)
+    if cfg.contrastive.pairs_per_row:
+        contrastive_warmup(encoder, tokenizer, cfg.contrastive, cfg.finetune.max_length, train, seed)
+        warmed = embed(train[0], tokenizer, encoder, max_length=cfg.finetune.max_length,
+                       batch_size=2 * cfg.finetune.batch_size, precision="fp32")
+        probe = fit_probe(warmed, train[1], cfg.linear_probe, seed)
+        head.load_state_dict(head_from_sklearn(probe.coef_, probe.intercept_).state_dict())
+    return tokenizer, encoder, train_at_least(encoder, tokenizer, head, cfg.finetune, train, val, seed)
 
 
 def self_train_candidate(params: Params, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: Head,

@@ -87,7 +87,7 @@ def sortish_batches(lengths: list[int], batch_size: int, rng: np.random.Generato
     return batches
 
 
-class _Batcher:
+class Batcher:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
                  device: torch.device) -> None:
         self.tokenizer, self.device = tokenizer, device
@@ -127,7 +127,7 @@ def finetune(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head:
     head.to(device)
     freeze_lowest(encoder, cfg.freeze_layers)
     length = usable_length(cfg.max_length, tokenizer, encoder)
-    train_batcher = _Batcher(tokenizer, train[0], length, device)
+    train_batcher = Batcher(tokenizer, train[0], length, device)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     # The fused kernel (CPU and CUDA) updates all tensors in one pass; on 2 CPU cores the default per-tensor loop
     # took 103 ms of a 580 ms training step (batch 32, length 64), the fused one 29 ms.

@@ -46,7 +46,7 @@ def test_the_stage_exit_code_is_read_from_dvc_repro(tmp_path: Path, cmd: str) ->
     run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
     (tmp_path / "dvc.yaml").write_text(f"stages:\n  bad:\n    cmd: {cmd}\n")
     result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "bad"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 255
     assert stage_exit_code(result.stdout + result.stderr, result.returncode) == 2
     assert stage_exit_code("ERROR: unexpected error - no such file", 255) == 255

@@ -40,7 +40,7 @@ def test_a_stage_stopped_by_sigterm_removes_its_temporary_output(tmp_path: Path)
     process = subprocess.Popen([sys.executable, "-c", STOPPED_MID_WRITE, str(target)], cwd=ROOT,
                                stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stdout.readline().strip() == "writing"
-    assert [p.name for p in tmp_path.iterdir()][0].startswith(".features.")  # the write is under way
+    assert next(p.name for p in tmp_path.iterdir()).startswith(".features.")  # the write is under way
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []

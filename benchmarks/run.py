@@ -193,7 +193,8 @@ def bench_downstream(params: Params, train: tuple[list[str], np.ndarray], test: 
 
 def bench_ours(params: Params, train: tuple[list[str], np.ndarray], test: tuple[list[str], np.ndarray],
                labels: list[str], epochs: int) -> dict[str, Any]:
-    """LP-FT as `stages.fine_tune.train_candidate` does it for strategy 'finetune', without validation."""
+    """LP-FT as `stages.fine_tune.train_candidate` does it for strategy 'finetune', without validation (and without
+    the opt-in contrastive warm-up or self-training: the `Trainer` peer has neither)."""
     ft, seed = params.fine_tune, params.fine_tune.seed
     cfg = ft.finetune.model_copy(update={"epochs": epochs})
     start = time.perf_counter()

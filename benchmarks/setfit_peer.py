@@ -86,8 +86,9 @@ def main() -> None:
     shown = ["ours_accuracy", "setfit_accuracy", "baseline_accuracy"]
     grouped = points.groupby("labels_per_class")[shown]
     table = grouped.mean().join(grouped.std(ddof=0), suffixes=("", "_std")).round(4)
-    st = params.fine_tune.self_training
-    print(f"scored on the {args.scored_split} split; ours = LP-FT"
+    st, pairs = params.fine_tune.self_training, params.fine_tune.contrastive.pairs_per_row
+    print(f"scored on the {args.scored_split} split; ours = "
+          + (f"a contrastive warm-up ({pairs} pairs per row) + " if pairs else "") + "LP-FT"
           + (f" + self-training ({st.rounds} round(s) of {st.epochs} epoch(s))" if st.epochs else ""))
     print(points[["labels_per_class", "seed", *shown]].round(4).to_string(index=False))
     print(table.to_string())

@@ -9,8 +9,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from stages.backbone import autocast_dtype, compute_context, mean_pool, usable_length
-from stages.config import ContrastiveConfig
-from stages.finetune_loop import Batcher, seed_everything
+from stages.config import ContrastiveConfig, FinetuneConfig
+from stages.finetune_loop import Batcher, freeze_lowest, seed_everything
 
 
 def training_pairs(labels: np.ndarray, pairs_per_row: int,
@@ -33,18 +33,21 @@ def training_pairs(labels: np.ndarray, pairs_per_row: int,
 
 
 def contrastive_warmup(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: ContrastiveConfig,
-                       max_length: int, train: tuple[list[str], np.ndarray], seed: int) -> list[float]:
+                       loop: FinetuneConfig, train: tuple[list[str], np.ndarray], seed: int) -> list[float]:
     """One pass over the pairs of `train`, in place: the cosine of two rows' mean-pooled embeddings is pulled towards
-    1 (same class) or 0 (SetFit's CosineSimilarityLoss), with AdamW and a linear schedule. Returns the step losses."""
+    1 (same class) or 0 (SetFit's CosineSimilarityLoss), with AdamW and a linear schedule. LP-FT's own `loop` gives
+    the truncation length, weight decay, warm-up share and frozen layers. Returns the step losses."""
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     device = next(encoder.parameters()).device
-    batcher = Batcher(tokenizer, train[0], usable_length(max_length, tokenizer, encoder), device)
+    freeze_lowest(encoder, loop.freeze_layers)
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    batcher = Batcher(tokenizer, train[0], usable_length(loop.max_length, tokenizer, encoder), device)
     first, second, target = training_pairs(np.asarray(train[1]), cfg.pairs_per_row, rng)
     steps = -(-len(first) // cfg.batch_size)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=0.01,
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=loop.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(loop.warmup_ratio * steps), steps)
     targets = torch.as_tensor(target, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, "auto") == torch.float16)
     losses = []
@@ -59,7 +62,7 @@ def contrastive_warmup(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         loss = torch.nn.functional.mse_loss(cosine, targets[part])
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

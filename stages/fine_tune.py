@@ -53,6 +53,11 @@ def _probabilities(prefix: str, proba: np.ndarray) -> dict[str, np.ndarray]:
     return {f"{prefix}_p{k}": proba[:, k] for k in range(proba.shape[1])}
 
 
+def _tenth(losses: list[float], *, first: bool) -> float:
+    n = max(1, len(losses) // 10)
+    return float(np.mean(losses[:n] if first else losses[-n:])) if losses else float("nan")
+
+
 def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.ndarray],
                         val: tuple[list[str], np.ndarray] | None, seed: int,
                         ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, TrainLog]:
@@ -63,7 +68,11 @@ def finetune_from_probe(params: Params, head: Head, train: tuple[list[str], np.n
     cfg = params.fine_tune
     tokenizer, encoder = load_encoder(params.backbone.name, select_device(), params.backbone.revision)
     if cfg.contrastive.pairs_per_row:
-        contrastive_warmup(encoder, tokenizer, cfg.contrastive, cfg.finetune.max_length, train, seed)
+        start = time.perf_counter()
+        losses = contrastive_warmup(encoder, tokenizer, cfg.contrastive, cfg.finetune, train, seed)
+        log.info("fine_tune: contrastive warm-up, %d steps in %.1fs, loss %.4f over its first tenth, %.4f over its "
+                 "last", len(losses), time.perf_counter() - start, _tenth(losses, first=True),
+                 _tenth(losses, first=False))
         warmed = embed(train[0], tokenizer, encoder, max_length=cfg.finetune.max_length,
                        batch_size=2 * cfg.finetune.batch_size, precision="fp32")
         probe = fit_probe(warmed, train[1], cfg.linear_probe, seed)

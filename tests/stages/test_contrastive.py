@@ -7,7 +7,7 @@ import yaml
 
 from stages import fine_tune as fine_tune_module
 from stages.backbone import embed, load_encoder, select_device
-from stages.config import Params, load_params
+from stages.config import FinetuneConfig, Params, load_params
 from stages.contrastive import contrastive_warmup, training_pairs
 from stages.errors import PipelineError
 from stages.finetune_loop import TrainLog
@@ -43,12 +43,16 @@ def _train_rows(tiny_splits: tuple, n: int = 48) -> tuple[list[str], np.ndarray]
     return train["text"].tolist(), train["label_id"].to_numpy()
 
 
+def _loop(**updates: object) -> FinetuneConfig:
+    return repo_cfg("fine_tune").finetune.model_copy(update={"max_length": 48, **updates})
+
+
 def test_warmup_pulls_a_class_together_and_the_classes_apart(tiny_splits: tuple) -> None:
     texts, labels = _train_rows(tiny_splits)
     tokenizer, encoder = load_encoder("default", select_device())
     before = embed(texts, tokenizer, encoder, max_length=48, batch_size=32, precision="fp32")
     cfg = repo_cfg("fine_tune").contrastive.model_copy(update={"pairs_per_row": 4, "learning_rate": 1e-4})
-    losses = contrastive_warmup(encoder, tokenizer, cfg, 48, (texts, labels), seed=0)
+    losses = contrastive_warmup(encoder, tokenizer, cfg, _loop(), (texts, labels), seed=0)
     after = embed(texts, tokenizer, encoder, max_length=48, batch_size=32, precision="fp32")
     assert len(losses) == -(-len(texts) * 4 * 2 // cfg.batch_size)
     assert _class_gap(after, labels) > _class_gap(before, labels) + 0.02
@@ -63,7 +67,7 @@ def test_lpft_refits_its_head_on_the_warmed_encoder(tiny_params: Params, tiny_sp
     started: dict = {}
 
     def record_start(encoder, tokenizer, head, cfg, train, val, seed) -> TrainLog:
-        started.update(encoder=encoder, tokenizer=tokenizer, weight=head.linear.weight.detach().clone())
+        started.update(encoder=encoder, tokenizer=tokenizer, head=head, weight=head.linear.weight.detach().clone())
         return TrainLog()
 
     monkeypatch.setattr(fine_tune_module, "train_at_least", record_start)
@@ -81,6 +85,28 @@ def test_lpft_refits_its_head_on_the_warmed_encoder(tiny_params: Params, tiny_sp
     refit = fine_tune_module.fit_probe(warmed, labels, ft.linear_probe, 0)
     expected = head_from_sklearn(refit.coef_, refit.intercept_).linear.weight
     assert torch.allclose(started["weight"], expected, atol=1e-5)
+    assert started["head"] is frozen  # refitted in place: callers classify and save the head they passed in
+
+
+def _warmed(texts: list[str], labels: np.ndarray, loop: FinetuneConfig) -> tuple[list[float], dict]:
+    tokenizer, encoder = load_encoder("default", select_device())
+    cfg = repo_cfg("fine_tune").contrastive.model_copy(update={"pairs_per_row": 1})
+    losses = contrastive_warmup(encoder, tokenizer, cfg, loop, (texts, labels), seed=3)
+    return losses, {name: p.detach().clone() for name, p in encoder.named_parameters()}
+
+
+def test_warmup_is_seeded_and_keeps_frozen_layers(tiny_splits: tuple) -> None:
+    texts, labels = _train_rows(tiny_splits, n=16)
+    losses, weights = _warmed(texts, labels, _loop())
+    again, same = _warmed(texts, labels, _loop())
+    assert losses == again and all(torch.equal(weights[k], same[k]) for k in weights)
+    _, frozen = _warmed(texts, labels, _loop(freeze_layers=2))
+    _, pretrained = load_encoder("default", select_device())
+    for name, param in pretrained.named_parameters():
+        if name.startswith("pooler."):  # BERT's pooler is outside mean pooling: no gradient either way
+            continue
+        kept = name.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.1."))
+        assert torch.equal(frozen[name], param.detach()) == kept, name
 
 
 def test_contrastive_off_leaves_lpft_as_it_was(tiny_params: Params, tiny_splits: tuple,

@@ -27,6 +27,13 @@ def native_bf16_cpu() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
+def amx_cpu() -> bool:
+    """Does this CPU have AMX tiles? Only there does bf16 beat int8: on a Xeon with AVX512-BF16 but no AMX, bf16
+    extraction ran at 0.65x exact fp32 and int8 at 1.4x (README: speed against the peers)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """fp32: exact. bf16: bf16 autocast anywhere. auto: mixed precision on CUDA (bf16, else fp16), exact on CPU.
 

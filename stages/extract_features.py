@@ -10,10 +10,10 @@ import torch
 from safetensors.numpy import save_file
 
 from stages.backbone import (
+    amx_cpu,
     autocast_dtype,
     embed,
     load_encoder,
-    native_bf16_cpu,
     select_device,
 )
 from stages.config import BackboneConfig, ExtractConfig, load_params
@@ -26,10 +26,10 @@ def resolve_runtime(cfg: ExtractConfig, device: torch.device, strategy: str) -> 
     """The (runtime, precision) to use. `auto` picks the fastest mode that passes the accuracy bound (README: speed
     against the peers) without opening a gap between the evaluated and the served model: on CUDA, torch autocast;
     on CPU, when the features only start fine-tuning (strategy finetune: the served model is the fine-tuned torch
-    encoder), torch bf16 on a CPU with bf16 in hardware, else int8 on ONNX Runtime; exact torch fp32 when the served
+    encoder), torch bf16 on a CPU with AMX, else int8 on ONNX Runtime; exact torch fp32 when the served
     linear probe reads them (strategy linear_probe)."""
     if (cfg.runtime, cfg.precision, device.type, strategy) == ("auto", "auto", "cpu", "finetune"):
-        return ("torch", "bf16") if native_bf16_cpu() else ("onnxruntime", "int8")
+        return ("torch", "bf16") if amx_cpu() else ("onnxruntime", "int8")
     if cfg.runtime == "torch" or (cfg.runtime == "auto" and cfg.precision != "int8"):
         return "torch", cfg.precision
     return "onnxruntime", "int8" if cfg.precision == "auto" else cfg.precision

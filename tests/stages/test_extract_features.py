@@ -57,7 +57,7 @@ def test_int8_onnx_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> N
 
 
 @pytest.mark.parametrize(("runtime", "precision", "device", "strategy", "expected"), [
-    ("auto", "auto", "cpu", "finetune", ("onnxruntime", "int8")),   # features only start LP-FT; no bf16 hardware
+    ("auto", "auto", "cpu", "finetune", ("onnxruntime", "int8")),   # features only start LP-FT; no AMX
     ("auto", "auto", "cpu", "linear_probe", ("torch", "auto")),      # the served probe reads them: exact
     ("auto", "auto", "cuda", "finetune", ("torch", "auto")),
     ("auto", "fp32", "cpu", "finetune", ("torch", "fp32")),
@@ -69,13 +69,13 @@ def test_int8_onnx_is_close_to_fp32(tiny_splits: tuple[pd.DataFrame, dict]) -> N
 ])
 def test_runtime_resolution(runtime: str, precision: str, device: str, strategy: str,
                             expected: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stages.extract_features.native_bf16_cpu", lambda: False)
+    monkeypatch.setattr("stages.extract_features.amx_cpu", lambda: False)
     cfg = repo_cfg("extract_features", runtime=runtime, precision=precision)
     assert resolve_runtime(cfg, torch.device(device), strategy) == expected
 
 
-def test_auto_takes_bf16_on_a_cpu_with_bf16_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stages.extract_features.native_bf16_cpu", lambda: True)
+def test_auto_takes_bf16_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stages.extract_features.amx_cpu", lambda: True)
     cfg = repo_cfg("extract_features", runtime="auto", precision="auto")
     assert resolve_runtime(cfg, torch.device("cpu"), "finetune") == ("torch", "bf16")
     assert resolve_runtime(cfg, torch.device("cpu"), "linear_probe") == ("torch", "auto")

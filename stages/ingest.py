@@ -80,7 +80,7 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
     if fmt == "parquet":
         try:
             return pd.read_parquet(source)
-        except Exception as error:  # pyarrow raises several unrelated types for a bad file
+        except Exception as error:  # noqa: BLE001 (pyarrow raises several unrelated types for a bad file)
             raise PipelineError(f"{source}: not a readable Parquet file ({error})") from None
     raw = source.read_bytes()
     if source.suffix.lower() == ".gz":
@@ -125,7 +125,7 @@ def _decode_lenient(raw: bytes) -> str:
 
 def _inner_vader_archive(source: Path) -> bytes:
     try:
-        outer = tarfile.open(source, "r:gz")
+        outer = tarfile.open(source, "r:gz")  # noqa: SIM115 (closed by the `with` below)
     except (tarfile.TarError, OSError) as error:
         raise PipelineError(f"{source}: not the vaderSentiment 3.3.2 sdist (a .tar.gz): {error}") from None
     with outer:

@@ -29,7 +29,7 @@ def native_bf16_cpu() -> bool:
 
 def amx_cpu() -> bool:
     """Does this CPU have AMX tiles? Only there does bf16 beat int8: on a Xeon with AVX512-BF16 but no AMX, bf16
-    extraction ran at 0.65x exact fp32 and int8 at 1.4x (README: speed against the peers)."""
+    extraction ran at about 0.6x exact fp32 and int8 at about 1.4x (README: speed against the peers)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe is not None and probe())
 
@@ -149,12 +149,13 @@ def for_each_batch(work: Callable[[list[int]], None], batches: Sequence[list[int
             pass
 
 
-Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # padded batch -> last hidden state
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # padded batch -> last hidden state; thread-safe
 
 
 def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, *, max_length: int,
           batch_size: int, precision: str = "auto", normalize: bool = True, forward: Forward | None = None) -> np.ndarray:
-    """Embed `texts` with the frozen encoder (or `forward`, another runtime of it); input order, float32."""
+    """Embed `texts` with the frozen encoder (or `forward`, another runtime of it, which `for_each_batch` may call
+    from several threads at once); input order, float32."""
     device = next(model.parameters()).device
     run = forward or (lambda inputs: model(**inputs).last_hidden_state)
     encoded = tokenizer(texts, truncation=True, max_length=usable_length(max_length, tokenizer, model))
@@ -168,11 +169,5 @@ def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTraine
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         out[batch] = pooled.cpu().numpy()
 
-    batches = list(length_batches([len(x) for x in ids], batch_size))
-    if forward is None:
-        for_each_batch(embed_batch, batches, device, precision)
-    else:  # another runtime schedules its own threads
-        with torch.inference_mode():
-            for batch in batches:
-                embed_batch(batch)
+    for_each_batch(embed_batch, list(length_batches([len(x) for x in ids], batch_size)), device, precision)
     return out

@@ -41,7 +41,7 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     device = select_device()
     tokenizer, model = load_encoder(backbone.name, device, backbone.revision)
     runtime, precision = resolve_runtime(cfg, device, strategy)
-    forward = onnx_forward(model, tokenizer, precision, torch.get_num_threads()) if runtime == "onnxruntime" else None
+    forward = onnx_forward(model, tokenizer, precision) if runtime == "onnxruntime" else None
     reduced = autocast_dtype(device, precision) if runtime == "torch" else None
     # Cast the weights once instead of in every autocast matmul (1.2x on an AMX CPU), except where the served
     # model must compute exactly these features: a linear probe on CUDA, served with autocast over fp32 weights.

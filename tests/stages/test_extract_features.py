@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from stages.config import BackboneConfig, ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
 from stages.hub import hub_commit, resolve_backbone
+from stages.onnx_runtime import onnx_forward
 from tests.conftest import ROOT, repo_cfg
 
 
@@ -194,6 +196,30 @@ def test_batch_parallel_embedding_equals_the_sequential_one(tiny_splits: tuple[p
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(parallel, sequential, atol=1e-5)
+    assert np.abs(parallel).sum(axis=1).min() > 0  # every row written
+
+
+def test_onnx_batches_in_parallel_equal_one_at_a_time(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
+    texts = tiny_splits[0]["text"].tolist()[:40]
+    tokenizer, model = load_encoder("default", torch.device("cpu"))
+    onnx = onnx_forward(model, tokenizer, "int8")
+    calls, together = itertools.count(), threading.Barrier(2, timeout=60)
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert threading.current_thread().name.startswith("batch")
+        if next(calls) < 2:
+            together.wait()  # times out (BrokenBarrierError) unless two batches are in flight at once
+        return onnx(batch)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = embed(texts, tokenizer, model, max_length=64, batch_size=8, precision="fp32", forward=forward)
+        torch.set_num_threads(1)
+        sequential = embed(texts, tokenizer, model, max_length=64, batch_size=8, precision="fp32", forward=onnx)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(parallel, sequential, atol=1e-6)
     assert np.abs(parallel).sum(axis=1).min() > 0  # every row written
 
 

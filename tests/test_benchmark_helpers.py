@@ -1,6 +1,7 @@
 """The helpers behind benchmark figures: the fp32 ceiling, the adaptation ceiling's rows, the seed spread's read-back,
 the adaptation variants' weight mixing, the SetFit peer."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from benchmarks.adaptation_ceiling import ceiling_rows, halves, many_labels
 from benchmarks.adaptation_variants import domain_points, interpolate, soup, variant_proba
-from benchmarks.run import linear_flop_per_token
+from benchmarks.run import linear_flop_per_token, table_rows, texts_per_s
 from benchmarks.seeds import experiments_by_name, figures, summary
 from benchmarks.setfit_peer import train_setfit
 from stages.adapt import TargetRows, adapt_loop, draw_target
@@ -17,7 +18,7 @@ from stages.backbone import load_encoder
 from stages.config import Params
 from stages.evaluate import UNBLENDED, probabilities
 from stages.finetune_loop import training_epochs
-from tests.conftest import REPO_PARAMS, SERVED_ATOL
+from tests.conftest import REPO_PARAMS, ROOT, SERVED_ATOL
 
 
 def test_linear_flops_count_each_layer_of_the_real_backbone_once() -> None:
@@ -25,6 +26,21 @@ def test_linear_flops_count_each_layer_of_the_real_backbone_once() -> None:
     hidden, inner, layers = model.config.hidden_size, model.config.intermediate_size, model.config.num_hidden_layers
     # per layer: query, key, value and attention output (hidden x hidden), then up and down (hidden x inner)
     assert linear_flop_per_token(model) == layers * 2 * (4 * hidden * hidden + 2 * hidden * inner)
+
+
+def test_median_rows_join_the_table_and_older_reports_still_render() -> None:
+    report = json.loads((ROOT / "reports" / "benchmarks_xeon_bf16_noamx.json").read_text())
+    extract = report["extract"]
+    old_names = [row[0] for row in table_rows(report)]
+    assert "extract torch_fp32 texts/s" in old_names and not any(n.endswith(", median") for n in old_names)
+    best, median = texts_per_s(extract["rows"], extract["seconds"]["peer"])
+    assert best == pytest.approx(extract["peer_texts_per_s"]) and median < best
+    extract["peer_texts_per_s_median"] = median
+    for mode in extract["modes"]:
+        extract[mode]["texts_per_s_median"] = texts_per_s(extract["rows"], extract["seconds"][mode])[1]
+    rows = {row[0]: row for row in table_rows(report)}
+    _, ours, peer, _ = rows["extract torch_fp32 texts/s, median"]
+    assert ours / peer == pytest.approx(1.50, abs=0.005)  # README: the ratio of medians in that run
 
 
 def test_halves_are_disjoint_stratified_and_cover_the_scored_rows(tiny_splits) -> None:

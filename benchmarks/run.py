@@ -134,20 +134,20 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
             start = time.perf_counter()
             vectors[name], meta = extract_features(texts[:rows[name]], params.backbone, cfg, "linear_probe")
             runs[name].append((max(meta["seconds"], 1e-9), time.perf_counter() - start))
-    best = {k: (texts_per_s(rows[k], [r[0] for r in v])[0], rows[k] / min(r[1] for r in v)) for k, v in runs.items()}
-    median = {k: texts_per_s(rows[k], [r[0] for r in v])[1] for k, v in runs.items()}
-    out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": best["peer"][0],
-                           "peer_texts_per_s_median": median["peer"],
+    speed = {k: texts_per_s(rows[k], [r[0] for r in v]) for k, v in runs.items()}  # (best, median)
+    with_load = {k: rows[k] / min(r[1] for r in v) for k, v in runs.items()}
+    out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": speed["peer"][0],
+                           "peer_texts_per_s_median": speed["peer"][1],
                            "seconds": {k: [r[0] for r in v] for k, v in runs.items()}, "modes": list(cfgs)}
     if ceiling is not None:
         out["fp32_ceiling"] = ceiling
     if "peer_bf16" in peers:
-        out["peer_bf16"] = {"texts_per_s": best["peer_bf16"][0],
+        out["peer_bf16"] = {"texts_per_s": speed["peer_bf16"][0],
                             "min_cosine": min_cosine(vectors["peer_bf16"].astype(np.float32), vectors["peer"]),
                             "mean_cosine": mean_cosine(vectors["peer_bf16"].astype(np.float32), vectors["peer"])}
     for name in cfgs:
-        out[name] = {"texts_per_s": best[name][0], "texts_per_s_median": median[name],
-                     "texts_per_s_incl_load": best[name][1],
+        out[name] = {"texts_per_s": speed[name][0], "texts_per_s_median": speed[name][1],
+                     "texts_per_s_incl_load": with_load[name],
                      "min_cosine": min_cosine(vectors[name], vectors["peer"][:rows[name]]),
                      "mean_cosine": mean_cosine(vectors[name], vectors["peer"][:rows[name]]), "rows": rows[name]}
     return out
@@ -323,8 +323,7 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{name:<36}{ours:>12.7g}{peer:>12.7g}{'x%.3f' % (ours / peer):>8}  {what}")
     ex, ft = result["extract"], result["finetune"]
     print(f"\nextract: {ex['rows']} movie train texts, best (and median) of {ex['repeats']} interleaved runs; ours incl. "
-          "model load "
-          "(and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in ex.get("modes", MODES))
+          "model load (and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in ex.get("modes", MODES))
           + " texts/s")
     if "fp32_ceiling" in ex:
         ceiling = ex["fp32_ceiling"]

@@ -2,6 +2,9 @@
 
 Exported fresh on every call into a temporary folder (a few seconds), so the graph always matches the weights in
 use; the export is checked against torch on a padded batch before anything is embedded with it.
+
+The residual Add + LayerNormalization pairs are left unfused: ORT's SkipLayerNormalization kernel, which would
+replace each pair, ran about 5x slower on CPU than the pair (onnxruntime 1.31, `benchmarks.ort_fusions`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,17 @@ def _padded_probe(tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]
                           return_tensors="pt"))
 
 
-def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+def fusion_options(skip_layer_norm: bool):
+    """ORT's BERT fusions, SkipLayerNormalization only if asked for (see the module docstring)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = skip_layer_norm
+    return options
+
+
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, *,
+           skip_layer_norm: bool = False) -> Path:
     """fp32 ONNX graph of `model` (batch and sequence length dynamic), fused by ORT's transformer optimizer."""
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -69,7 +82,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: P
     config = model.config
     with _quiet():
         optimized = optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size)
+                                   hidden_size=config.hidden_size, optimization_options=fusion_options(skip_layer_norm))
         optimized.save_model_to_file(str(fused))
     return fused
 
@@ -86,15 +99,20 @@ def quantize(fp32: Path, target: Path) -> Path:
     return target
 
 
-def session(path: Path):
+def session(path: Path, *, skip_layer_norm: bool = False, profile_prefix: Path | None = None):
     """One intra-op thread per call: `embed` runs as many calls at once as torch has threads, each on whole batches
-    (as on the torch path), which runs int8 faster than one call at a time on two threads, with the same output."""
+    (as on the torch path), which runs int8 faster than one call at a time on two threads, with the same output.
+    The session's own optimizer would fuse Add + LayerNormalization again unless told not to."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:  # benchmarks.ort_fusions
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=[] if skip_layer_norm else ["SkipLayerNormFusion"])
 
 
 def check_export(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: PreTrainedModel,

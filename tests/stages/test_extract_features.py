@@ -25,7 +25,7 @@ from stages.config import BackboneConfig, ExtractConfig
 from stages.errors import PipelineError
 from stages.extract_features import extract_features, resolve_runtime
 from stages.hub import hub_commit, resolve_backbone
-from stages.onnx_runtime import onnx_forward
+from stages.onnx_runtime import INPUTS, export, onnx_forward, quantize, session
 from tests.conftest import ROOT, repo_cfg
 
 
@@ -221,6 +221,29 @@ def test_onnx_batches_in_parallel_equal_one_at_a_time(tiny_splits: tuple[pd.Data
         torch.set_num_threads(threads)
     np.testing.assert_allclose(parallel, sequential, atol=1e-6)
     assert np.abs(parallel).sum(axis=1).min() > 0  # every row written
+
+
+def _ops_run(graph: Path, skip_layer_norm: bool, batch: dict[str, np.ndarray], profile: Path) -> set[str]:
+    ort_session = session(graph, skip_layer_norm=skip_layer_norm, profile_prefix=profile)
+    ort_session.run(None, batch)
+    events = json.loads(Path(ort_session.end_profiling()).read_text())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+
+
+def test_onnx_keeps_add_and_layer_norm_unfused(tmp_path: Path) -> None:
+    # ORT's SkipLayerNormalization ran ~5x slower on CPU than the pair it replaces (benchmarks.ort_fusions): neither
+    # the exported graph nor the session's own optimizer may fuse them, in fp32 or int8
+    tokenizer, model = load_encoder("default", torch.device("cpu"))
+    encoded = tokenizer(["a short one", "a longer one, so the first row is padded"], padding=True, return_tensors="np")
+    batch = {name: encoded[name].astype(np.int64) for name in INPUTS}
+    for skip in (False, True):
+        folder = tmp_path / str(skip)
+        folder.mkdir()
+        fp32 = export(model, tokenizer, folder, skip_layer_norm=skip)
+        for graph in (fp32, quantize(fp32, folder / "int8.onnx")):
+            ops = _ops_run(graph, skip, batch, folder / graph.stem)
+            assert ("SkipLayerNormalization" in ops) is skip, (graph.name, skip, sorted(ops))
+            assert skip or "LayerNormalization" in ops, (graph.name, sorted(ops))
 
 
 def test_parallel_batches_run_on_the_pool_and_an_error_reaches_the_caller() -> None:

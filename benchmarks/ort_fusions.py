@@ -27,25 +27,26 @@ import numpy as np
 import torch
 
 from benchmarks import write_report
-from benchmarks.run import load_splits, machine, subset
+from benchmarks.run import load_splits, machine, mean_cosine, min_cosine, subset
 from stages.backbone import embed, length_batches, load_encoder, mean_pool, pad_batch
 from stages.config import Params, load_params
 from stages.fine_tune import fit_probe
-from stages.onnx_runtime import INPUTS, export, quantize, session
+from stages.onnx_runtime import INPUTS, export, quantize, run_session, session
 
 VARIANTS = {  # name: (attention traced, SkipLayerNormalization fused)
-    "sdpa, SkipLayerNorm (before 2026-12-07)": ("sdpa", True),
+    "sdpa, SkipLayerNorm (the pipeline's until 2026-12-07)": ("sdpa", True),
     "sdpa, Add + LayerNorm (the pipeline's)": ("sdpa", False),
     "eager (fused Attention), SkipLayerNorm": ("eager", True),
     "eager (fused Attention), Add + LayerNorm": ("eager", False),
 }
 Batch = dict[str, np.ndarray]
+Sessions = dict[tuple[str, str], tuple[Any, Path, bool]]  # (variant, precision): (session, graph, SkipLN fused)
 
 
 def batches_of(texts: list[str], tokenizer: Any, max_length: int, size: int) -> list[Batch]:
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    padded = [pad_batch(ids, rows, tokenizer, torch.device("cpu")) for rows in length_batches([len(i) for i in ids],
-                                                                                               size)]
+    rows = length_batches([len(i) for i in ids], size)
+    padded = [pad_batch(ids, batch, tokenizer, torch.device("cpu")) for batch in rows]
     return [{name: batch[name].numpy() for name in INPUTS} for batch in padded]
 
 
@@ -55,11 +56,9 @@ def pooled(hidden: list[np.ndarray], batches: list[Batch]) -> np.ndarray:
     return torch.nn.functional.normalize(vectors, dim=1).numpy()
 
 
-def op_seconds(path: Path, skip_layer_norm: bool, batches: list[Batch], folder: Path) -> dict[str, float]:
-    """Kernel seconds per op type over one profiled pass of the graph at `path`, in a session like the pipeline's."""
-    profiled = session(path, skip_layer_norm=skip_layer_norm, profile_prefix=folder / "profile")
-    for batch in batches:
-        profiled.run(None, batch)
+def kernel_seconds(profiled: Any) -> dict[str, float]:
+    """Kernel seconds per op type that ran in a session opened with a `profile_prefix`, largest first; ends its
+    profiling."""
     totals: dict[str, float] = defaultdict(float)
     for event in json.loads(Path(profiled.end_profiling()).read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
@@ -67,7 +66,13 @@ def op_seconds(path: Path, skip_layer_norm: bool, batches: list[Batch], folder: 
     return dict(sorted(((op, round(s, 3)) for op, s in totals.items()), key=lambda kv: -kv[1]))
 
 
-Sessions = dict[tuple[str, str], tuple[Any, Path, bool]]  # (variant, precision): (session, graph, SkipLN fused)
+def op_seconds(path: Path, skip_layer_norm: bool, batches: list[Batch], folder: Path) -> dict[str, float]:
+    """Kernel seconds per op type over one profiled pass of the graph at `path`, in a session like the pipeline's
+    (not interleaved with the timed passes: for the shares, not the speed)."""
+    profiled = session(path, skip_layer_norm=skip_layer_norm, profile_prefix=folder / "profile")
+    for batch in batches:
+        profiled.run(None, batch)
+    return kernel_seconds(profiled)
 
 
 def build_sessions(model: Any, tokenizer: Any, folder: Path) -> Sessions:
@@ -78,6 +83,8 @@ def build_sessions(model: Any, tokenizer: Any, folder: Path) -> Sessions:
         (folder / str(i)).mkdir()
         model.set_attn_implementation(attention)  # ORT fuses the eager graph's attention into one op, not SDPA's
         try:
+            if model.config._attn_implementation != attention:  # transformers only warns when it cannot switch
+                raise RuntimeError(f"the backbone cannot trace with {attention} attention")
             fp32 = export(model, tokenizer, folder / str(i), skip_layer_norm=skip)
         finally:
             model.set_attn_implementation(own)
@@ -104,13 +111,10 @@ def run_interleaved(sessions: Sessions, batches: list[Batch], repeats: int
 def probe_accuracy(params: Params, splits: Any, tokenizer: Any, model: Any, ort_session: Any | None) -> float:
     """Test accuracy of params.yaml's linear probe fit on every training row, on features from `ort_session`
     (torch exact fp32 when None), embedded as extract_features embeds them."""
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.from_numpy(ort_session.run(None, {k: batch[k].numpy() for k in INPUTS})[0])
-
     (train, y_train), (test, y_test) = (subset(splits, name, None, params.fine_tune.seed) for name in ("train", "test"))
+    forward = None if ort_session is None else lambda batch: run_session(ort_session, batch)
     features = embed(train + test, tokenizer, model, max_length=params.backbone.max_length,
-                     batch_size=params.extract_features.batch_size, precision="fp32",
-                     forward=forward if ort_session is not None else None)
+                     batch_size=params.extract_features.batch_size, precision="fp32", forward=forward)
     probe = fit_probe(features[:len(train)], y_train, params.fine_tune.linear_probe, params.fine_tune.seed)
     return round(float(probe.score(features[len(train):], y_test)), 4)
 
@@ -119,7 +123,8 @@ def print_results(results: dict[str, dict[str, Any]]) -> None:
     print(f"{'ONNX Runtime graph (one thread)':<56}{'texts/s':>9}{'min cos':>9}{'mean cos':>10}")
     for label, row in results.items():
         if "texts_per_s_per_thread" in row:
-            print(f"{label:<56}{row['texts_per_s_per_thread']:>9.0f}{row['min_cosine']:>9.4f}{row['mean_cosine']:>10.5f}")
+            print(f"{label:<56}{row['texts_per_s_per_thread']:>9.0f}{row['min_cosine']:>9.4f}"
+              f"{row['mean_cosine']:>10.5f}")
     for label, row in results.items():
         if "probe_accuracy" in row:
             print(f"{label}: linear probe test accuracy {row['probe_accuracy']:.4f}")
@@ -149,14 +154,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ort-fusions-") as tmp:
         sessions = build_sessions(model, tokenizer, Path(tmp))
         best, outputs = run_interleaved(sessions, batches, args.repeats)
-        for (name, precision), (_, path, skip) in sessions.items():
-            cosines = (pooled(outputs[(name, precision)], batches) * reference).sum(axis=1)
+        for (name, precision), (ort_session, path, skip) in sessions.items():
+            vectors = pooled(outputs[(name, precision)], batches)
             row = {"texts_per_s_per_thread": round(len(texts) / best[(name, precision)], 1),
-                   "min_cosine": round(float(cosines.min()), 5), "mean_cosine": round(float(cosines.mean()), 6)}
+                   "min_cosine": round(min_cosine(vectors, reference), 5),
+                   "mean_cosine": round(mean_cosine(vectors, reference), 6)}
             if precision == "int8":
                 row["kernel_seconds"] = op_seconds(path, skip, batches, path.parent)
                 if args.downstream:
-                    row["probe_accuracy"] = probe_accuracy(params, splits, tokenizer, model, sessions[(name, precision)][0])
+                    row["probe_accuracy"] = probe_accuracy(params, splits, tokenizer, model, ort_session)
             results[f"{precision}: {name}"] = row
         if args.downstream:
             results["torch exact fp32"] = {"probe_accuracy": probe_accuracy(params, splits, tokenizer, model, None)}

@@ -4,7 +4,7 @@ Exported fresh on every call into a temporary folder (a few seconds), so the gra
 use; the export is checked against torch on a padded batch before anything is embedded with it.
 
 The residual Add + LayerNormalization pairs are left unfused: ORT's SkipLayerNormalization kernel, which would
-replace each pair, ran about 5x slower on CPU than the pair (onnxruntime 1.31, `benchmarks.ort_fusions`).
+replace each pair, ran 3x to 6x slower on CPU than the pair (onnxruntime 1.31, `benchmarks.ort_fusions`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import PipelineError
+
+if TYPE_CHECKING:
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
 INPUTS = ("input_ids", "attention_mask")
 CHECK_TOLERANCE = 1e-3  # fp32 export vs torch, max abs difference of hidden states
@@ -54,7 +58,7 @@ def _padded_probe(tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]
                           return_tensors="pt"))
 
 
-def fusion_options(skip_layer_norm: bool):
+def _fusion_options(skip_layer_norm: bool) -> FusionOptions:
     """ORT's BERT fusions, SkipLayerNormalization only if asked for (see the module docstring)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
@@ -65,7 +69,8 @@ def fusion_options(skip_layer_norm: bool):
 
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, *,
            skip_layer_norm: bool = False) -> Path:
-    """fp32 ONNX graph of `model` (batch and sequence length dynamic), fused by ORT's transformer optimizer."""
+    """fp32 ONNX graph of `model` (batch and sequence length dynamic), fused by ORT's transformer optimizer; each
+    residual Add + LayerNormalization stays two ops unless `skip_layer_norm`."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     wrapper = _LastHidden(model.cpu()).eval()
@@ -82,7 +87,8 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: P
     config = model.config
     with _quiet():
         optimized = optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size, optimization_options=fusion_options(skip_layer_norm))
+                                   hidden_size=config.hidden_size,
+                                   optimization_options=_fusion_options(skip_layer_norm))
         optimized.save_model_to_file(str(fused))
     return fused
 
@@ -108,7 +114,7 @@ def session(path: Path, *, skip_layer_norm: bool = False, profile_prefix: Path |
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if profile_prefix is not None:  # benchmarks.ort_fusions
+    if profile_prefix is not None:  # benchmarks.ort_fusions and its test read which ops ran
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
@@ -137,15 +143,16 @@ def onnx_forward(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         fp32_session = session(fp32)
 
         def run_fp32(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return _run(fp32_session, batch)
+            return run_session(fp32_session, batch)
 
         check_export(run_fp32, model, tokenizer)
         if precision != "int8":
             return run_fp32
         int8_session = session(quantize(fp32, Path(tmp) / "int8.onnx"))
-    return lambda batch: _run(int8_session, batch)
+    return lambda batch: run_session(int8_session, batch)
 
 
-def _run(ort_session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def run_session(ort_session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden state of one padded batch."""
     feeds = {name: batch[name].numpy().astype(np.int64) for name in INPUTS}
     return torch.from_numpy(ort_session.run(None, feeds)[0])

@@ -35,7 +35,7 @@ import transformers
 
 from benchmarks import write_report
 from stages.backbone import load_encoder, native_bf16_cpu, select_device
-from stages.config import Params, load_params
+from stages.config import ExtractConfig, Params, load_params
 from stages.extract_features import extract_features
 from stages.fine_tune import fit_probe
 from stages.finetune_loop import finetune, seed_everything
@@ -136,7 +136,8 @@ def bench_extract(params: Params, texts: list[str], repeats: int, bf16_rows: int
             runs[name].append((max(meta["seconds"], 1e-9), time.perf_counter() - start))
     speed = {k: texts_per_s(rows[k], [r[0] for r in v]) for k, v in runs.items()}  # (best, median)
     with_load = {k: rows[k] / min(r[1] for r in v) for k, v in runs.items()}
-    out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "peer_texts_per_s": speed["peer"][0],
+    out: dict[str, Any] = {"rows": len(texts), "repeats": repeats, "batch_size": batch,
+                           "peer_texts_per_s": speed["peer"][0],
                            "peer_texts_per_s_median": speed["peer"][1],
                            "seconds": {k: [r[0] for r in v] for k, v in runs.items()}, "modes": list(cfgs)}
     if ceiling is not None:
@@ -322,8 +323,9 @@ def print_table(result: dict[str, Any]) -> None:
     for name, ours, peer, what in table_rows(result):
         print(f"{name:<36}{ours:>12.7g}{peer:>12.7g}{'x%.3f' % (ours / peer):>8}  {what}")
     ex, ft = result["extract"], result["finetune"]
-    print(f"\nextract: {ex['rows']} movie train texts, best (and median) of {ex['repeats']} interleaved runs; ours incl. "
-          "model load (and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in ex.get("modes", MODES))
+    batch = f", batches of {ex['batch_size']} (ours and the peer's)" if "batch_size" in ex else ""  # since 2026-12-07
+    print(f"\nextract: {ex['rows']} movie train texts{batch}, best (and median) of {ex['repeats']} interleaved runs; "
+          "ours incl. model load (and ONNX export): " + ", ".join(f"{m} {ex[m]['texts_per_s_incl_load']:.1f}" for m in ex.get("modes", MODES))
           + " texts/s")
     if "fp32_ceiling" in ex:
         ceiling = ex["fp32_ceiling"]
@@ -353,6 +355,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs, both loops (default 3)")
     parser.add_argument("--downstream", action=argparse.BooleanOptionalAction, default=True,
                         help="probe accuracy on every training row per extraction mode (default on; off with --quick)")
+    parser.add_argument("--batch-size", type=int,
+                        help="extraction batch size, ours and the peer's (default: params.yaml's extract_features)")
     args = parser.parse_args()
     n_extract = args.extract_rows or (256 if args.quick else 2048)
     n_train = args.train_rows or (128 if args.quick else 1024)
@@ -361,6 +365,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     params = load_params()
+    if args.batch_size is not None:  # validated like params.yaml's own value
+        extract = ExtractConfig.model_validate(params.extract_features.model_dump() | {"batch_size": args.batch_size})
+        params = params.model_copy(update={"extract_features": extract})
     seed = params.fine_tune.seed
     splits, labels = load_splits(params)
     result: dict[str, Any] = {"machine": machine(), "quick": args.quick}

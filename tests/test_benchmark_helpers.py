@@ -40,7 +40,7 @@ def test_median_rows_join_the_table_and_older_reports_still_render() -> None:
         extract[mode]["texts_per_s_median"] = texts_per_s(extract["rows"], extract["seconds"][mode])[1]
     rows = {row[0]: row for row in table_rows(report)}
     _, ours, peer, _ = rows["extract torch_fp32 texts/s, median"]
-    assert ours / peer == pytest.approx(1.50, abs=0.005)  # README: the ratio of medians in that run
+    assert ours / peer == pytest.approx(1.50, abs=0.005)  # docs/results.md: the ratio of medians in that run
 
 
 def test_halves_are_disjoint_stratified_and_cover_the_scored_rows(tiny_splits) -> None:

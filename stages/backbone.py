@@ -29,7 +29,7 @@ def native_bf16_cpu() -> bool:
 
 def amx_cpu() -> bool:
     """Does this CPU have AMX tiles? Only there does bf16 beat int8: on a Xeon with AVX512-BF16 but no AMX, bf16
-    extraction ran at about 0.6x exact fp32 and int8 at about 1.4x (README: speed against the peers)."""
+    extraction ran at about 0.6x exact fp32 and int8 at about 1.4x (docs/results.md: speed against the peers)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe is not None and probe())
 
@@ -46,7 +46,7 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 # On CUDA in bf16/fp16, torch prefers cuDNN attention, which builds a graph for every new padded length the first
-# time it sees it: with length-bucketed batches that warm-up was most of a fine-tuning epoch on an H100 (README: GPU).
+# time it sees it: with length-bucketed batches that warm-up was most of a fine-tuning epoch on an H100 (docs/results.md: on a GPU).
 CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

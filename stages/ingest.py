@@ -95,12 +95,28 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
     try:
         if fmt == "jsonl":
             return pd.read_json(buffer, lines=True, dtype=False)
-        if fmt == "tsv":  # tab-separated text has no quoting: a quote is part of the text
-            return pd.read_csv(buffer, sep="\t", dtype=str, keep_default_na=False, na_values=[""],
-                               quoting=csv.QUOTE_NONE)
-        return pd.read_csv(buffer, dtype=str, keep_default_na=False, na_values=[""])
+        # tab-separated text has no quoting: a quote is part of the text
+        dialect = {"sep": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+        frame = pd.read_csv(buffer, dtype=str, keep_default_na=False, na_values=[""], **dialect)
     except (ValueError, pd.errors.ParserError) as error:
         raise PipelineError(f"{source}: cannot parse as {fmt} ({error})") from None
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas took the first column(s) as the index
+        raise PipelineError(f"{source}: line {_first_long_line(text, fmt)} has more fields than the header "
+                            f"({len(frame.columns)}); quote texts that contain the delimiter")
+    return frame
+
+
+def _first_long_line(text: str, fmt: str) -> int:
+    """The line where the first record with more fields than the header starts."""
+    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+    reader = csv.reader(io.StringIO(text), **dialect)
+    width = len(next(reader))
+    start = reader.line_num + 1
+    for record in reader:
+        if len(record) > width:
+            return start
+        start = reader.line_num + 1
+    return 2
 
 
 def read_folder(source: Path) -> pd.DataFrame:
@@ -164,7 +180,7 @@ def read_vader(source: Path, neutral_band: float) -> pd.DataFrame:
 ROW_OFFSET = {"csv": 2, "tsv": 2, "jsonl": 1, "parquet": 0, "folder": 0}
 
 
-def _bad_rows(mask: pd.Series, offset: int) -> str:
+def bad_rows(mask: pd.Series, offset: int) -> str:
     rows = [str(i + offset) for i in mask[mask].index[:5]]
     more = f" and {int(mask.sum()) - len(rows)} more" if mask.sum() > len(rows) else ""
     return ", ".join(rows) + more
@@ -195,7 +211,7 @@ def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str 
             where = "line(s)" if fmt in {"csv", "tsv", "jsonl"} else "row(s) (0-based)"
             keep = " (or set data.empty_labels: unlabeled to keep them as unlabelled text)" if column == "label" else ""
             raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in {where} "
-                                f"{_bad_rows(missing, ROW_OFFSET[fmt])}; fill or drop those rows{keep}")
+                                f"{bad_rows(missing, ROW_OFFSET[fmt])}; fill or drop those rows{keep}")
     out["domain"] = out["domain"].fillna("unknown").astype(str)
     return out
 

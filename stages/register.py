@@ -108,8 +108,23 @@ def champion_seen_texts(client: MlflowClient, name: str, version: str, folder: P
                              f"from run {run_id}: {error}") from error
 
 
+def check_same_labels(champion: mlflow.pyfunc.PyFuncModel, name: str, version: str, labels: list[str]) -> None:
+    """A champion that predicts other classes is another task under the same registered name: no test split scores
+    both, and promoting either would serve the wrong task to the other's clients."""
+    schema = champion.metadata.get_output_schema()
+    if schema is None:  # logged without a signature: nothing to compare
+        return
+    theirs = sorted(column.removeprefix("prob_") for column in schema.input_names() if column.startswith("prob_"))
+    if theirs != sorted(labels):
+        raise PipelineError(
+            f"register: the champion {name}@{CHAMPION} (version {version}) predicts the labels {theirs}, this "
+            f"candidate {sorted(labels)}; a classifier of other classes is another model: give it a name of its own "
+            f"(register.model_name in params.yaml), or delete the alias "
+            f"(MlflowClient().delete_registered_model_alias({name!r}, {CHAMPION!r})) to let it replace that task")
+
+
 def champion_score(client: MlflowClient, name: str, version: str | None, test: pd.DataFrame,
-                   candidate_correct: np.ndarray, folder: Path) -> ChampionScore | None:
+                   candidate_correct: np.ndarray, labels: list[str], folder: Path) -> ChampionScore | None:
     """The current champion re-scored on this run's test rows that it never trained on, next to the candidate on
     the same rows, so the comparison is like for like even when the split changed since the champion's run."""
     if version is None:
@@ -122,6 +137,7 @@ def champion_score(client: MlflowClient, name: str, version: str | None, test: p
             f"({type(error).__name__}: {error}), so it cannot be re-scored for the gate; point the alias at a version "
             f"that loads (MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, <version>)) or delete "
             f"the alias to let this candidate become the first champion") from error
+    check_same_labels(champion, name, version, labels)
     seen = champion_seen_texts(client, name, version, folder)
     new = (np.ones(len(test), dtype=bool) if seen is None else
            ~np.isin(fingerprints(test["text"]), seen))
@@ -205,7 +221,7 @@ def gate(client: MlflowClient, params: Params, previous: str | None, splits: pd.
     predicted = probabilities(pd.read_parquet(paths.predictions), "candidate")[test.index].argmax(axis=1)
     with tempfile.TemporaryDirectory() as folder:
         champion = champion_score(client, cfg.model_name, previous, test, predicted == test["label_id"].to_numpy(),
-                                  Path(folder))
+                                  read_json(paths.label_map)["labels"], Path(folder))
         if log_texts:
             log_seen_texts(splits, Path(folder))
     blended = read_info(paths.model).get("ngram_weight", 0) > 0

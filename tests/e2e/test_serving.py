@@ -41,3 +41,14 @@ def test_batch_prediction_scores_a_file(pipeline_project: Path, tmp_path: Path) 
     scored = pd.read_csv(out)
     assert list(scored.columns) == ["review", "label", "prob_negative", "prob_positive"]
     assert scored["label"].tolist() == ["positive", "negative"]
+
+
+def test_batch_prediction_refuses_rows_without_text(pipeline_project: Path, tmp_path: Path) -> None:
+    source = tmp_path / "texts.csv"
+    source.write_text("review\na wonderful film\n\"  \"\nan awful film\n\"\"\n")
+    out = tmp_path / "scored.csv"
+    result = run([sys.executable, "-m", "stages.batch_predict", "--input", str(source), "--text-column", "review",
+                  "--output", str(out)], pipeline_project, check=False)
+    assert result.returncode == 2
+    assert f"{source}: column 'review' is empty or null in line(s) 3, 5" in result.stderr
+    assert not out.exists()

@@ -68,6 +68,10 @@ def test_builtin_default_has_four_domains() -> None:
     (b"text,label\nhi,a\nyo,\n", {}, r"column 'label' is empty or null in line\(s\) 3; .*data.empty_labels"),
     (b"text,label\nhi,a\nyo \xff\xfe,b\n", {}, r"\(line 3\) is not valid UTF-8"),
     (b"text,label\nhi,a\n", {"domain_column": "site"}, r"column 'site' \(from data.domain_column\)"),
+    # an unquoted comma in the first data row: pandas would take the first field as the row's index
+    (b"text,label\nhi, there,a\nyo,b\n", {}, r"line 2 has more fields than the header \(2\); quote texts"),
+    (b"text,label\n\"hi\nthere\",you,a\nyo,b\n", {}, r"line 2 has more fields than the header"),
+    (b"text,label\nhi,a\nwell, well,b\n", {}, r"Expected 2 fields in line 3, saw 3"),
 ])
 def test_bad_input_names_file_and_column(tmp_path: Path, content: bytes, kw: dict, message: str) -> None:
     path = tmp_path / "bad.csv"

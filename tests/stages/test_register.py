@@ -207,3 +207,26 @@ def test_a_champion_that_no_longer_loads_is_a_clear_error(registered: Path) -> N
     assert "champion transfer-classifier@champion (version 1) does not load" in result.stderr
     assert "set_registered_model_alias" in result.stderr
     assert [str(v.version) for v in client.search_model_versions("name='transfer-classifier'")] == ["1"]  # nothing stray
+
+
+def test_a_champion_of_other_labels_is_never_replaced(registered: Path) -> None:
+    """Another task's data under the same registered name: the champion cannot score its test rows, so the gate
+    would compare nothing (it once promoted the new task over the old one with 'champion accuracy 0.0')."""
+    root = registered
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    data = pd.read_csv(root / "data" / "tiny_sentiment.csv")
+    data["label"] = data["label"].map({"negative": "sad", "positive": "happy"})
+    data.to_csv(root / "data" / "relabelled.csv", index=False)
+    set_param(root, "data", "source", "data/relabelled.csv")
+    set_param(root, "register", "min_gain_over_baseline", -1.0)  # the baseline check must not stop it first
+    result = run([sys.executable, "-m", "dvc", "repro", "register"], root, check=False)
+    assert result.returncode != 0
+    assert ("the champion transfer-classifier@champion (version 1) predicts the labels ['negative', 'positive'], "
+            "this candidate ['happy', 'sad']") in result.stderr
+    assert "register.model_name" in result.stderr
+    assert [str(v.version) for v in client.search_model_versions("name='transfer-classifier'")] == ["1"]
+    set_param(root, "register", "model_name", "mood-classifier")  # its own name: registered and promoted there
+    run([sys.executable, "-m", "dvc", "repro", "register"], root)
+    record = read_json(root / "reports/registry.json")
+    assert record["model_name"] == "mood-classifier" and record["decision"] == "promoted"
+    assert str(client.get_model_version_by_alias("transfer-classifier", "champion").version) == "1"

@@ -21,6 +21,8 @@ from stages.hub import hub_commit
 from stages.io import EMBEDDINGS_FILE, META_FILE, atomic_path, log, remove_outputs, run_main, write_json
 from stages.onnx_runtime import onnx_forward
 
+DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # what torch computes in, for the log
+
 
 def resolve_runtime(cfg: ExtractConfig, device: torch.device, strategy: str) -> tuple[str, str]:
     """The (runtime, precision) to use. `auto` picks the fastest mode that passes the accuracy bound (README: speed
@@ -55,8 +57,10 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     meta = {"backbone": backbone.name, "backbone_revision": hub_commit(backbone.name, model.name_or_path),
             "max_length": backbone.max_length, "runtime": runtime, "precision": precision, "rows": len(texts),
             "dim": int(vectors.shape[1])}
-    log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads)", len(texts), meta["dim"],
-             seconds, len(texts) / max(seconds, 1e-9), runtime, precision, device, torch.get_num_threads())
+    computed = precision if runtime != "torch" else DTYPE_NAMES[autocast_dtype(device, precision)]
+    log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads; precision: %s)", len(texts),
+             meta["dim"], seconds, len(texts) / max(seconds, 1e-9), runtime, computed, device,
+             torch.get_num_threads(), cfg.precision)
     return vectors, meta | {"seconds": seconds}
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from stages.config import load_params
 from stages.errors import PipelineError
-from stages.ingest import ROW_OFFSET, bad_rows, detect_format, read_table
+from stages.ingest import bad_rows, detect_format, read_table
 from stages.io import atomic_path, log, run_main
 from stages.registry import CHAMPION, configure_mlflow
 
@@ -21,10 +21,8 @@ def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source:
     texts = frame[text_column].reset_index(drop=True)
     missing = texts.isna() | (texts.astype(str).str.strip() == "")
     if missing.any():  # a prediction for no text would look like an answer
-        fmt = detect_format(source, "auto")
-        where = "line(s)" if fmt in {"csv", "tsv", "jsonl"} else "row(s) (0-based)"
-        raise PipelineError(f"{source}: column {text_column!r} is empty or null in {where} "
-                            f"{bad_rows(missing, ROW_OFFSET[fmt])}; fill or drop those rows")
+        raise PipelineError(f"{source}: column {text_column!r} is empty or null in "
+                            f"{bad_rows(missing, detect_format(source, 'auto'))}; fill or drop those rows")
     model = mlflow.pyfunc.load_model(model_uri)
     scored = model.predict(pd.DataFrame({"text": texts.astype(str)}))
     # The input may carry its own `label` (a labelled test file): keep both, the prediction renamed.

@@ -180,10 +180,13 @@ def read_vader(source: Path, neutral_band: float) -> pd.DataFrame:
 ROW_OFFSET = {"csv": 2, "tsv": 2, "jsonl": 1, "parquet": 0, "folder": 0}
 
 
-def bad_rows(mask: pd.Series, offset: int) -> str:
+def bad_rows(mask: pd.Series, fmt: str) -> str:
+    """The rows `mask` flags as the user finds them: lines of a CSV/TSV/JSONL file, else 0-based rows."""
+    offset = ROW_OFFSET[fmt]
     rows = [str(i + offset) for i in mask[mask].index[:5]]
     more = f" and {int(mask.sum()) - len(rows)} more" if mask.sum() > len(rows) else ""
-    return ", ".join(rows) + more
+    where = "line(s)" if fmt in {"csv", "tsv", "jsonl"} else "row(s) (0-based)"
+    return f"{where} {', '.join(rows)}{more}"
 
 
 def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str = "csv") -> pd.DataFrame:
@@ -208,10 +211,9 @@ def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str 
             out.loc[missing, "label"] = None  # unlabelled text: preprocess sets it apart for self-training
             continue
         if missing.any():
-            where = "line(s)" if fmt in {"csv", "tsv", "jsonl"} else "row(s) (0-based)"
             keep = " (or set data.empty_labels: unlabeled to keep them as unlabelled text)" if column == "label" else ""
-            raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in {where} "
-                                f"{bad_rows(missing, ROW_OFFSET[fmt])}; fill or drop those rows{keep}")
+            raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in {bad_rows(missing, fmt)}; "
+                                f"fill or drop those rows{keep}")
     out["domain"] = out["domain"].fillna("unknown").astype(str)
     return out
 

@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
 
 from flows.dag import StageSpec, read_dag
-from flows.summary import summary_markdown
+from flows.summary import failure_markdown, summary_markdown
 from stages.io import offline_env
 from stages.service import stop
 
@@ -143,7 +143,14 @@ def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False
     root = str(Path(root).resolve())
     if pull_first:
         pull(root)
-    results = [stage_task(spec)(spec.name, root, spec.timeout_seconds) for spec in read_dag(Path(root), studies)]
+    results: list[dict] = []
+    for spec in read_dag(Path(root), studies):
+        try:
+            results.append(stage_task(spec)(spec.name, root, spec.timeout_seconds))
+        except Exception as error:  # the run's summary says where it stopped and why, then the flow fails
+            create_markdown_artifact(key="pipeline-summary", markdown=failure_markdown(spec.name, error, results),
+                                     description=f"The run failed at stage {spec.name}")
+            raise
     if push_after:
         push(root)
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(Path(root), results),

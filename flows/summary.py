@@ -40,3 +40,12 @@ def summary_markdown(root: Path, results: list[dict]) -> str:
     if deployment:
         lines += [f"**Deploy:** {deployment.get('status')} (champion {deployment.get('champion')})"]
     return "\n".join(lines)
+
+
+def failure_markdown(stage: str, error: BaseException, results: list[dict]) -> str:
+    """The summary of a run that stopped at `stage`: the stage, the end of its error (the stage's own message is
+    last), and what the run had reproduced before it."""
+    ran = [r["stage"] for r in results if not r["skipped"]]
+    tail = str(error).strip().splitlines()[-15:]
+    return "\n".join(["# Transfer pipeline run: failed", "", f"**Failed at stage `{stage}`** ({type(error).__name__}):",
+                      "", "```", *tail, "```", "", f"Stages reproduced before it: {', '.join(ran) or 'none'}"])

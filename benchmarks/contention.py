@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 from benchmarks import write_report
 from benchmarks.run import load_splits, machine, subset
 
-POLICIES = {"default (spin)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
+POLICIES = {"default (spin)": None, "OMP_WAIT_POLICY=PASSIVE": "PASSIVE"}  # OMP_WAIT_POLICY: None unsets it
 
 
 def train_once(rows: int) -> float:
@@ -48,24 +49,25 @@ def train_once(rows: int) -> float:
     return finetune(encoder, tokenizer, head, cfg, train, None, params.fine_tune.seed).samples_per_second
 
 
-def run_at_once(copies: int, rows: int, env: dict[str, str]) -> list[float]:
-    """Samples/s of each of `copies` worker processes started together."""
-    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.contention", "--worker", "--rows", str(rows)],
-                                env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-               for _ in range(copies)]
-    rates = []
-    for worker in workers:
-        out, _ = worker.communicate()
-        if worker.returncode != 0:
-            raise RuntimeError(f"a fine-tuning worker exited {worker.returncode}")
-        rates.append(json.loads(out.strip().splitlines()[-1])["samples_per_s"])
-    return rates
+def run_at_once(copies: int, rows: int, policy: str | None) -> list[float]:
+    """Samples/s of each of `copies` worker processes started together, with OMP_WAIT_POLICY set to `policy`."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+    with tempfile.TemporaryDirectory() as folder:
+        logs = [Path(folder) / f"worker{i}.log" for i in range(copies)]
+        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.contention", "--worker", "--rows", str(rows)],
+                                    env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True) for log in logs]
+        outputs = [worker.communicate()[0] for worker in workers]
+        for worker, log in zip(workers, logs):
+            if worker.returncode != 0:
+                raise RuntimeError(f"a fine-tuning worker exited {worker.returncode}:\n{log.read_text()[-3000:]}")
+    return [json.loads(out.strip().splitlines()[-1])["samples_per_s"] for out in outputs]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024, help="training rows per run (one epoch)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs alone per policy, alternating (median kept)")
+    parser.add_argument("--repeats", type=int, default=3, choices=range(1, 21), metavar="1..20",
+                        help="runs alone per policy, alternating (median kept)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report to write")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,11 +76,11 @@ def main() -> None:
         return
     alone: dict[str, list[float]] = {policy: [] for policy in POLICIES}
     for _ in range(args.repeats):
-        for policy, env in POLICIES.items():
-            alone[policy] += run_at_once(1, args.rows, env)
+        for policy, value in POLICIES.items():
+            alone[policy] += run_at_once(1, args.rows, value)
     results: dict[str, dict[str, Any]] = {}
-    for policy, env in POLICIES.items():
-        pair = run_at_once(2, args.rows, env)
+    for policy, value in POLICIES.items():
+        pair = run_at_once(2, args.rows, value)
         results[policy] = {"alone": round(statistics.median(alone[policy]), 1),
                            "alone_runs": [round(r, 1) for r in alone[policy]],
                            "two_at_once_each": [round(r, 1) for r in pair], "two_at_once_total": round(sum(pair), 1)}

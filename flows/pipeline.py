@@ -133,6 +133,15 @@ def push(root: str) -> str:
     return dvc(["push", "--run-cache"], root)
 
 
+def publish_failure(step: str, error: BaseException, results: list[dict]) -> None:
+    """The failed run's summary artifact; trouble publishing it is logged, never put in place of the step's error."""
+    try:
+        create_markdown_artifact(key="pipeline-summary", markdown=failure_markdown(step, error, results),
+                                 description=f"The run failed at {step}")
+    except Exception as trouble:  # noqa: BLE001 - any failure here must leave the original error to be raised
+        get_run_logger().warning("could not publish the failure summary: %s", trouble)
+
+
 @flow(name="transfer-pipeline", log_prints=True)
 def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False, studies: bool = False) -> list[dict]:
     """Run every stage of dvc.yaml in dependency order; publish a run summary artifact.
@@ -141,18 +150,20 @@ def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False
     `studies` adds the stages of studies/dvc.yaml (data-efficiency curve, domain adaptation).
     """
     root = str(Path(root).resolve())
-    if pull_first:
-        pull(root)
     results: list[dict] = []
-    for spec in read_dag(Path(root), studies):
-        try:
+    step = "dvc-pull"
+    try:
+        if pull_first:
+            pull(root)
+        for spec in read_dag(Path(root), studies):
+            step = spec.name
             results.append(stage_task(spec)(spec.name, root, spec.timeout_seconds))
-        except Exception as error:  # the run's summary says where it stopped and why, then the flow fails
-            create_markdown_artifact(key="pipeline-summary", markdown=failure_markdown(spec.name, error, results),
-                                     description=f"The run failed at stage {spec.name}")
-            raise
-    if push_after:
-        push(root)
+        step = "dvc-push"
+        if push_after:
+            push(root)
+    except Exception as error:  # the run's summary says where it stopped and why, then the flow fails
+        publish_failure(step, error, results)
+        raise
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(Path(root), results),
                              description="Metrics per domain, transfer gain and the registry decision")
     return results

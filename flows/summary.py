@@ -43,9 +43,9 @@ def summary_markdown(root: Path, results: list[dict]) -> str:
 
 
 def failure_markdown(stage: str, error: BaseException, results: list[dict]) -> str:
-    """The summary of a run that stopped at `stage`: the stage, the end of its error (the stage's own message is
-    last), and what the run had reproduced before it."""
+    """The summary of a run that stopped at `stage`: the stage, the last lines of its error (the stage's own
+    message, then DVC's), and what the run had reproduced before it."""
     ran = [r["stage"] for r in results if not r["skipped"]]
-    tail = str(error).strip().splitlines()[-15:]
-    return "\n".join(["# Transfer pipeline run: failed", "", f"**Failed at stage `{stage}`** ({type(error).__name__}):",
-                      "", "```", *tail, "```", "", f"Stages reproduced before it: {', '.join(ran) or 'none'}"])
+    tail = str(error).replace("~~~~", "~ ~ ~ ~").strip().splitlines()[-15:]  # the fence must not close early
+    return "\n".join(["# Transfer pipeline run: failed", "", f"**Failed at `{stage}`** ({type(error).__name__}):",
+                      "", "~~~~", *tail, "~~~~", "", f"Stages reproduced before it: {', '.join(ran) or 'none'}"])

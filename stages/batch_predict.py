@@ -15,14 +15,14 @@ from stages.io import atomic_path, log, run_main
 from stages.registry import CHAMPION, configure_mlflow
 
 
-def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source: Path) -> pd.DataFrame:
+def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source: Path, fmt: str) -> pd.DataFrame:
     if text_column not in frame.columns:
-        raise PipelineError(f"{source}: column {text_column!r} not found; columns are {list(frame.columns)}")
+        raise PipelineError(f"{source}: column {text_column!r} not found; columns are {list(map(str, frame.columns))}")
     texts = frame[text_column].reset_index(drop=True)
     missing = texts.isna() | (texts.astype(str).str.strip() == "")
     if missing.any():  # a prediction for no text would look like an answer
         raise PipelineError(f"{source}: column {text_column!r} is empty or null in "
-                            f"{bad_rows(missing, detect_format(source, 'auto'))}; fill or drop those rows")
+                            f"{bad_rows(missing, fmt)}; fill or drop those rows")
     model = mlflow.pyfunc.load_model(model_uri)
     scored = model.predict(pd.DataFrame({"text": texts.astype(str)}))
     # The input may carry its own `label` (a labelled test file): keep both, the prediction renamed.
@@ -51,8 +51,9 @@ def main() -> None:
     uri = args.model_uri or f"models:/{load_params().register.model_name}@{CHAMPION}"
     if not args.input.is_file():
         raise PipelineError(f"--input {args.input} does not exist")
-    frame = read_table(args.input, detect_format(args.input, "auto"))
-    scored = batch_predict(uri, frame, args.text_column, args.input)
+    fmt = detect_format(args.input, "auto")
+    frame = read_table(args.input, fmt)
+    scored = batch_predict(uri, frame, args.text_column, args.input, fmt)
     write_table(scored, args.output)
     log.info("batch_predict: %d rows scored with %s -> %s", len(scored), uri, args.output)
 

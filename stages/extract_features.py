@@ -57,7 +57,7 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     meta = {"backbone": backbone.name, "backbone_revision": hub_commit(backbone.name, model.name_or_path),
             "max_length": backbone.max_length, "runtime": runtime, "precision": precision, "rows": len(texts),
             "dim": int(vectors.shape[1])}
-    computed = precision if runtime != "torch" else DTYPE_NAMES[autocast_dtype(device, precision)]
+    computed = DTYPE_NAMES[reduced] if runtime == "torch" else precision
     log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads; precision: %s)", len(texts),
              meta["dim"], seconds, len(texts) / max(seconds, 1e-9), runtime, computed, device,
              torch.get_num_threads(), cfg.precision)

@@ -101,22 +101,26 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError) as error:
         raise PipelineError(f"{source}: cannot parse as {fmt} ({error})") from None
     if not isinstance(frame.index, pd.RangeIndex):  # pandas took the first column(s) as the index
-        raise PipelineError(f"{source}: line {_first_long_line(text, fmt)} has more fields than the header "
+        raise PipelineError(f"{source}: {_first_long_line(text, fmt)} has more fields than the header "
                             f"({len(frame.columns)}); quote texts that contain the delimiter")
     return frame
 
 
-def _first_long_line(text: str, fmt: str) -> int:
-    """The line where the first record with more fields than the header starts."""
+def _first_long_line(text: str, fmt: str) -> str:
+    """Where the first record with more fields than the header starts: "line N", or "a row" where Python's csv
+    reader cannot follow the file (carriage-return line ends, a field past its size limit)."""
     dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-    reader = csv.reader(io.StringIO(text), **dialect)
-    width = len(next(reader))
-    start = reader.line_num + 1
-    for record in reader:
-        if len(record) > width:
-            return start
+    reader = csv.reader(io.StringIO(text, newline=""), **dialect)
+    try:
+        width = len(next(reader))
         start = reader.line_num + 1
-    return 2
+        for record in reader:
+            if len(record) > width:
+                return f"line {start}"
+            start = reader.line_num + 1
+    except csv.Error:
+        pass
+    return "a row"
 
 
 def read_folder(source: Path) -> pd.DataFrame:

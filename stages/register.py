@@ -114,8 +114,9 @@ def check_same_labels(champion: mlflow.pyfunc.PyFuncModel, name: str, version: s
     schema = champion.metadata.get_output_schema()
     if schema is None:  # logged without a signature: nothing to compare
         return
-    theirs = sorted(column.removeprefix("prob_") for column in schema.input_names() if column.startswith("prob_"))
-    if theirs != sorted(labels):
+    theirs = sorted(column.removeprefix("prob_") for column in schema.input_names()
+                    if isinstance(column, str) and column.startswith("prob_"))
+    if theirs and theirs != sorted(labels):  # no prob_ columns: not this project's signature, nothing to compare
         raise PipelineError(
             f"register: the champion {name}@{CHAMPION} (version {version}) predicts the labels {theirs}, this "
             f"candidate {sorted(labels)}; a classifier of other classes is another model: give it a name of its own "

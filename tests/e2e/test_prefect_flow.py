@@ -129,7 +129,7 @@ def test_a_user_error_is_not_retried(prefect_server: str, tmp_path: Path) -> Non
     assert ingest["name"] == "ingest" and ingest["run_count"] == 1 and ingest["state_type"] == "FAILED"
     artifacts = _post(prefect_server, "artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     summary = next(a for a in artifacts if a["key"] == "pipeline-summary")["data"]
-    assert "Failed at stage `ingest`" in summary and "column 'review' (from data.text_column) not found" in summary
+    assert "Failed at `ingest`" in summary and "column 'review' (from data.text_column) not found" in summary
 
 
 def test_deployment_declares_cron_schedule_on_the_gpu_pool(prefect_server: str, tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ def test_builtin_default_has_four_domains() -> None:
     (b"text,label\nhi, there,a\nyo,b\n", {}, r"line 2 has more fields than the header \(2\); quote texts"),
     (b"text,label\n\"hi\nthere\",you,a\nyo,b\n", {}, r"line 2 has more fields than the header"),
     (b"text,label\nhi,a\nwell, well,b\n", {}, r"Expected 2 fields in line 3, saw 3"),
+    (b"text,label\rhi, there,a\ryo,b\r", {}, r"line 2 has more fields than the header \(2\)"),  # \r line ends
 ])
 def test_bad_input_names_file_and_column(tmp_path: Path, content: bytes, kw: dict, message: str) -> None:
     path = tmp_path / "bad.csv"

@@ -10,7 +10,7 @@ import pandas as pd
 
 from stages.config import load_params
 from stages.errors import PipelineError
-from stages.ingest import bad_rows, detect_format, read_table
+from stages.ingest import bad_rows, blank, detect_format, read_table
 from stages.io import atomic_path, log, run_main
 from stages.registry import CHAMPION, configure_mlflow
 
@@ -19,7 +19,7 @@ def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source:
     if text_column not in frame.columns:
         raise PipelineError(f"{source}: column {text_column!r} not found; columns are {list(map(str, frame.columns))}")
     texts = frame[text_column].reset_index(drop=True)
-    missing = texts.isna() | (texts.astype(str).str.strip() == "")
+    missing = blank(texts)
     if missing.any():  # a prediction for no text would look like an answer
         raise PipelineError(f"{source}: column {text_column!r} is empty or null in "
                             f"{bad_rows(missing, fmt)}; fill or drop those rows")

@@ -95,9 +95,7 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
     try:
         if fmt == "jsonl":
             return pd.read_json(buffer, lines=True, dtype=False)
-        # tab-separated text has no quoting: a quote is part of the text
-        dialect = {"sep": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-        frame = pd.read_csv(buffer, dtype=str, keep_default_na=False, na_values=[""], **dialect)
+        frame = pd.read_csv(buffer, dtype=str, keep_default_na=False, na_values=[""], **_dialect(fmt))
     except (ValueError, pd.errors.ParserError) as error:
         raise PipelineError(f"{source}: cannot parse as {fmt} ({error})") from None
     if not isinstance(frame.index, pd.RangeIndex):  # pandas took the first column(s) as the index
@@ -106,11 +104,21 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
     return frame
 
 
+def _dialect(fmt: str) -> dict:
+    """How `fmt` splits fields, in the keywords both pandas and Python's csv reader take: tab-separated text has no
+    quoting (a quote is part of the text)."""
+    return {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+
+
+def blank(values: pd.Series) -> pd.Series:
+    """Which values are null, empty or only spaces."""
+    return values.isna() | (values.astype(str).str.strip() == "")
+
+
 def _first_long_line(text: str, fmt: str) -> str:
     """Where the first record with more fields than the header starts: "line N", or "a row" where Python's csv
     reader cannot follow the file (carriage-return line ends, a field past its size limit)."""
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-    reader = csv.reader(io.StringIO(text, newline=""), **dialect)
+    reader = csv.reader(io.StringIO(text, newline=""), **_dialect(fmt))
     try:
         width = len(next(reader))
         start = reader.line_num + 1
@@ -210,7 +218,7 @@ def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str 
         "domain": frame[cfg.domain_column] if cfg.domain_column else "all",
     }).reset_index(drop=True)
     for column, key in (("text", "data.text_column"), ("label", "data.label_column")):
-        missing = out[column].isna() | (out[column].astype(str).str.strip() == "")
+        missing = blank(out[column])
         if column == "label" and cfg.empty_labels == "unlabeled":
             out.loc[missing, "label"] = None  # unlabelled text: preprocess sets it apart for self-training
             continue

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,12 +70,26 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
         raise PipelineError(f"backbone.name {name!r}: cannot load a tokenizer ({error})") from None
 
 
+def require_safetensors(name: str, path: str) -> None:
+    """Weights are read from safetensors only: a folder that holds only pickled ones (pytorch_model.bin, *.pt) is
+    refused, not unpickled."""
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        found = f"it has {', '.join(pickled)}, pickled weights, which are never loaded" if pickled else \
+            "it has no weights"
+        raise PipelineError(f"backbone.name {name!r}: {folder} has no *.safetensors weights ({found}); save them "
+                            "with `model.save_pretrained(folder)` (safetensors is its default) and point "
+                            "backbone.name at that folder")
+
+
 def load_encoder(name: str, device: torch.device,
                  revision: str | None = None) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     path = resolve_backbone(name, revision)
+    require_safetensors(name, path)
     tokenizer = load_tokenizer(path)
     try:
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, use_safetensors=True)
     except OSError as error:
         raise PipelineError(f"backbone.name {name!r}: cannot load a model ({error})") from None
     return tokenizer, model.to(device).eval()

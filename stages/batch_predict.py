@@ -10,7 +10,7 @@ import pandas as pd
 
 from stages.config import load_params
 from stages.errors import PipelineError
-from stages.ingest import bad_rows, blank, detect_format, read_table
+from stages.ingest import bad_rows, blank, detect_format, read_table, row_places
 from stages.io import atomic_path, log, run_main
 from stages.registry import CHAMPION, configure_mlflow
 
@@ -22,7 +22,7 @@ def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source:
     missing = blank(texts)
     if missing.any():  # a prediction for no text would look like an answer
         raise PipelineError(f"{source}: column {text_column!r} is empty or null in "
-                            f"{bad_rows(missing, fmt)}; fill or drop those rows")
+                            f"{bad_rows(missing, row_places(source, fmt, len(texts)))}; fill or drop those rows")
     model = mlflow.pyfunc.load_model(model_uri)
     scored = model.predict(pd.DataFrame({"text": texts.astype(str)}))
     # The input may carry its own `label` (a labelled test file): keep both, the prediction renamed.

@@ -82,13 +82,7 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
             return pd.read_parquet(source)
         except Exception as error:  # noqa: BLE001 (pyarrow raises several unrelated types for a bad file)
             raise PipelineError(f"{source}: not a readable Parquet file ({error})") from None
-    raw = source.read_bytes()
-    if source.suffix.lower() == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as error:
-            raise PipelineError(f"{source}: not a readable gzip file ({error})") from None
-    text = decode_text(raw, str(source))
+    text = read_text(source)
     if not text.strip():
         raise PipelineError(f"{source} is empty: it needs a header and at least two labelled rows")
     buffer = io.StringIO(text)
@@ -102,6 +96,16 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
         raise PipelineError(f"{source}: {_first_long_line(text, fmt)} has more fields than the header "
                             f"({len(frame.columns)}); quote texts that contain the delimiter")
     return frame
+
+
+def read_text(source: Path) -> str:
+    raw = source.read_bytes()
+    if source.suffix.lower() == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise PipelineError(f"{source}: not a readable gzip file ({error})") from None
+    return decode_text(raw, str(source))
 
 
 def _dialect(fmt: str) -> dict:
@@ -134,13 +138,17 @@ def _first_long_line(text: str, fmt: str) -> str:
 def read_folder(source: Path) -> pd.DataFrame:
     if not source.is_dir():
         raise PipelineError(f"data.format is folder but {source} is not a folder; set data.format: auto")
-    rows = []
-    for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for file in sorted(class_dir.glob("*.txt")):
-            rows.append({"text": decode_text(file.read_bytes(), str(file)), "label": class_dir.name})
+    rows = [{"text": decode_text(file.read_bytes(), str(file)), "label": file.parent.name}
+            for file in folder_files(source)]
     if not rows:
         raise PipelineError(f"{source}: no <class>/<file>.txt files found; put one sub-folder of .txt files per class")
     return pd.DataFrame(rows)
+
+
+def folder_files(source: Path) -> list[Path]:
+    """The <class>/*.txt files of a folder source, in the order of its rows."""
+    classes = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [file for class_dir in classes for file in sorted(class_dir.glob("*.txt"))]
 
 
 def _decode_lenient(raw: bytes) -> str:
@@ -188,17 +196,39 @@ def read_vader(source: Path, neutral_band: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-# How a row index maps to what the user sees: a line of the file (after a CSV/TSV header), or a row number.
-ROW_OFFSET = {"csv": 2, "tsv": 2, "jsonl": 1, "parquet": 0, "folder": 0}
+def row_places(source: Path, fmt: str, rows: int) -> tuple[str, list[str]] | None:
+    """Where each of the `rows` rows `read_table` (or `read_folder`) returned comes from, as the user finds it: the
+    line of a CSV/TSV/JSONL file it starts on (blank lines are skipped and a quoted field may span lines, as pandas
+    reads them), or a folder's file. None for Parquet, or where Python's csv reader does not find pandas' rows."""
+    if fmt == "folder":
+        return "file(s)", [str(file.relative_to(source)) for file in folder_files(source)]
+    if fmt not in {"csv", "tsv", "jsonl"}:
+        return None
+    text = read_text(source)
+    if fmt == "jsonl":
+        lines = [number for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    else:
+        lines, start, header = [], 1, True
+        reader = csv.reader(io.StringIO(text, newline=""), **_dialect(fmt))
+        try:
+            for record in reader:
+                if len(record) > 1 or (record and record[0].strip()):
+                    if not header:
+                        lines.append(start)
+                    header = False
+                start = reader.line_num + 1
+        except csv.Error:
+            return None
+    return ("line(s)", [str(line) for line in lines]) if len(lines) == rows else None
 
 
-def bad_rows(mask: pd.Series, fmt: str) -> str:
-    """The rows `mask` flags as the user finds them: lines of a CSV/TSV/JSONL file, else 0-based rows."""
-    offset = ROW_OFFSET[fmt]
-    rows = [str(i + offset) for i in mask[mask].index[:5]]
-    more = f" and {int(mask.sum()) - len(rows)} more" if mask.sum() > len(rows) else ""
-    where = "line(s)" if fmt in {"csv", "tsv", "jsonl"} else "row(s) (0-based)"
-    return f"{where} {', '.join(rows)}{more}"
+def bad_rows(mask: pd.Series, places: tuple[str, list[str]] | None) -> str:
+    """The rows `mask` flags, named by `row_places`, else as 0-based data rows (Parquet's, or a CSV's counted after
+    its header)."""
+    kind, names = places or ("row(s) (0-based, not counting a header)", [str(i) for i in range(len(mask))])
+    flagged = [names[i] for i in mask[mask].index[:5]]
+    more = f" and {int(mask.sum()) - len(flagged)} more" if mask.sum() > len(flagged) else ""
+    return f"{kind} {', '.join(flagged)}{more}"
 
 
 def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str = "csv") -> pd.DataFrame:
@@ -224,7 +254,8 @@ def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str 
             continue
         if missing.any():
             keep = " (or set data.empty_labels: unlabeled to keep them as unlabelled text)" if column == "label" else ""
-            raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in {bad_rows(missing, fmt)}; "
+            where = bad_rows(missing, row_places(source, fmt, len(out)))
+            raise PipelineError(f"{source}: column {wanted[key]!r} is empty or null in {where}; "
                                 f"fill or drop those rows{keep}")
     out["domain"] = out["domain"].fillna("unknown").astype(str)
     return out

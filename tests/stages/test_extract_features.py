@@ -164,6 +164,20 @@ def test_a_revision_for_the_default_or_a_local_backbone_is_a_clear_error(tmp_pat
         BackboneConfig(name="default", revision="v2", max_length=32)
 
 
+def test_a_backbone_folder_with_only_pickled_weights_is_refused_not_unpickled(tmp_path: Path) -> None:
+    _, model = load_encoder("default", torch.device("cpu"))
+    folder = tmp_path / "my-backbone"
+    model.save_pretrained(folder)
+    load_tokenizer("default").save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(PipelineError, match=r"has no \*\.safetensors weights \(it has pytorch_model\.bin, pickled"):
+        load_encoder(str(folder), torch.device("cpu"))
+    model.save_pretrained(folder)  # the same weights as safetensors load
+    _, loaded = load_encoder(str(folder), torch.device("cpu"))
+    assert torch.equal(loaded.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
+
+
 def test_long_documents_are_truncated_not_rejected() -> None:
     tokenizer, model = load_encoder("default", select_device())
     long_text = "a remarkably long review that keeps going " * 2000

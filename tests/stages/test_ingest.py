@@ -73,6 +73,9 @@ def test_builtin_default_has_four_domains() -> None:
     (b"text,label\n\"hi\nthere\",you,a\nyo,b\n", {}, r"line 2 has more fields than the header"),
     (b"text,label\nhi,a\nwell, well,b\n", {}, r"Expected 2 fields in line 3, saw 3"),
     (b"text,label\rhi, there,a\ryo,b\r", {}, r"line 2 has more fields than the header \(2\)"),  # \r line ends
+    # blank lines, whitespace-only lines and quoted multi-line texts before the bad row: its line, as an editor shows
+    (b"text,label\n\nhi,a\n   \n\"two\nlines\",b\n,b\nyo,a\n", {}, r"empty or null in line\(s\) 7;"),
+    (b"text,label\r\n\r\n\"two\r\nlines\",b\r\nyo,\r\nhi,a\r\n", {}, r"'label' is empty or null in line\(s\) 5;"),
 ])
 def test_bad_input_names_file_and_column(tmp_path: Path, content: bytes, kw: dict, message: str) -> None:
     path = tmp_path / "bad.csv"
@@ -129,6 +132,32 @@ def test_jsonl_null_text_names_the_line(tmp_path: Path) -> None:
     path.write_text('{"text": "fine", "label": "a"}\n{"text": null, "label": "b"}\n')
     with pytest.raises(PipelineError, match=r"line\(s\) 2"):
         ingest(_cfg(path))
+
+
+def test_the_line_named_counts_blank_lines_in_jsonl_and_tsv(tmp_path: Path) -> None:
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "fine", "label": "a"}\n\n  \n{"text": "", "label": "b"}\n{"text": "ok", "label": "b"}\n')
+    with pytest.raises(PipelineError, match=r"line\(s\) 4;"):
+        ingest(_cfg(jsonl))
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text('text\tlabel\n\n"quoted\ta\nok\tb\n \tb\n')  # no quoting in TSV: the quote is text
+    with pytest.raises(PipelineError, match=r"line\(s\) 5;"):
+        ingest(_cfg(tsv))
+
+
+def test_parquet_rows_are_named_by_position(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"text": ["good", "bad", None], "label": ["a", "b", "a"]}).to_parquet(path)
+    with pytest.raises(PipelineError, match=r"row\(s\) \(0-based, not counting a header\) 2;"):
+        ingest(_cfg(path))
+
+
+def test_an_empty_file_in_a_folder_source_is_named(tmp_path: Path) -> None:
+    for name, text in [("pos/a.txt", "good"), ("pos/b.txt", "  "), ("neg/c.txt", "bad")]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    with pytest.raises(PipelineError, match=r"empty or null in file\(s\) pos/b.txt;"):
+        ingest(_cfg(tmp_path, format="folder"))
 
 
 def test_compressed_csv_is_read(tmp_path: Path) -> None:

@@ -76,8 +76,8 @@ def require_safetensors(name: str, path: str) -> None:
     folder = Path(path)
     if folder.is_dir() and not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-        found = f"it has {', '.join(pickled)}, pickled weights, which are never loaded" if pickled else \
-            "it has no weights"
+        found = (f"it has {', '.join(pickled)}, pickled weights, which are never loaded" if pickled else
+                 "a hub model's pickled weights are never fetched")
         raise PipelineError(f"backbone.name {name!r}: {folder} has no *.safetensors weights ({found}); save them "
                             "with `model.save_pretrained(folder)` (safetensors is its default) and point "
                             "backbone.name at that folder")

@@ -63,35 +63,62 @@ def compute_context(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
-def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(resolve_backbone(name, revision))
-    except OSError as error:
-        raise PipelineError(f"backbone.name {name!r}: cannot load a tokenizer ({error})") from None
+# What a tokenizer is saved as: without one of these, transformers would build an empty vocabulary in which every
+# word is [UNK], and the pipeline would train on nothing.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
+PICKLED = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 
 
-def require_safetensors(name: str, path: str) -> None:
-    """Weights are read from safetensors only: a folder that holds only pickled ones (pytorch_model.bin, *.pt) is
-    refused, not unpickled."""
+def check_backbone_folder(name: str, path: str) -> None:
+    """What a backbone folder must hold: a config, a tokenizer, and weights as safetensors. Pickled weights
+    (pytorch_model.bin, *.pt) are refused, never unpickled."""
     folder = Path(path)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")):
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+    where = f"backbone.name {name!r}: {folder}"
+    save = "save the backbone with `model.save_pretrained(folder)` and `tokenizer.save_pretrained(folder)`"
+    if not (folder / "config.json").is_file():
+        raise PipelineError(f"{where} has no config.json; {save}")
+    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise PipelineError(f"{where} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {save}")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
         found = (f"it has {', '.join(pickled)}, pickled weights, which are never loaded" if pickled else
                  "a hub model's pickled weights are never fetched")
-        raise PipelineError(f"backbone.name {name!r}: {folder} has no *.safetensors weights ({found}); save them "
-                            "with `model.save_pretrained(folder)` (safetensors is its default) and point "
-                            "backbone.name at that folder")
+        raise PipelineError(f"{where} has no *.safetensors weights ({found}); {save} (safetensors is its default)")
+
+
+def _why(error: Exception) -> str:
+    if "trust_remote_code" in str(error):  # transformers' advice would be to run the code
+        return ("it needs custom code (config.json's auto_map), which is never run here; pick a backbone of a "
+                "model type transformers has built in")
+    return str(error)
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    return _tokenizer(name, resolve_backbone(name, revision))
+
+
+def _tokenizer(name: str, path: str) -> PreTrainedTokenizerBase:
+    check_backbone_folder(name, path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"backbone.name {name!r}: cannot load a tokenizer from {path} ({_why(error)})") from None
 
 
 def load_encoder(name: str, device: torch.device,
                  revision: str | None = None) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and model of a backbone. Custom code a config names (`auto_map`) is never run: a model that
+    needs it is refused, and one of a built-in type loads as that type."""
     path = resolve_backbone(name, revision)
-    require_safetensors(name, path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = _tokenizer(name, path)
     try:
-        model = AutoModel.from_pretrained(path, use_safetensors=True)
-    except OSError as error:
-        raise PipelineError(f"backbone.name {name!r}: cannot load a model ({error})") from None
+        model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"backbone.name {name!r}: cannot load a model from {path} ({_why(error)})") from None
+    vocabulary = getattr(model.config, "vocab_size", None)
+    if vocabulary is not None and len(tokenizer) > vocabulary:
+        raise PipelineError(f"backbone.name {name!r}: its tokenizer has {len(tokenizer)} tokens but the model only "
+                            f"{vocabulary} embeddings: they do not belong together")
     return tokenizer, model.to(device).eval()
 
 

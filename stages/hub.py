@@ -40,7 +40,7 @@ def resolve_backbone(name: str, revision: str | None = None) -> str:
 
     offline = hub_offline()
     what = name if revision is None else f"{name} at revision {revision}"
-    where = f"backbone.name {name!r} is neither 'default' nor an existing folder, and"
+    where = f"backbone.name {name!r} is neither 'default' nor an existing folder (no {Path(name).absolute()}), and"
     try:
         return snapshot_download(name, revision=revision, allow_patterns=HUB_FILES, local_files_only=offline)
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as error:  # gated repos included

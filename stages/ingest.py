@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import html
 import io
+import json
 import re
 import tarfile
 import unicodedata
@@ -91,7 +92,8 @@ def read_table(source: Path, fmt: str) -> pd.DataFrame:
             return pd.read_json(buffer, lines=True, dtype=False)
         frame = pd.read_csv(buffer, dtype=str, keep_default_na=False, na_values=[""], **_dialect(fmt))
     except (ValueError, pd.errors.ParserError) as error:
-        raise PipelineError(f"{source}: cannot parse as {fmt} ({error})") from None
+        where = _first_bad_json_line(text) if fmt == "jsonl" else None
+        raise PipelineError(f"{source}: cannot parse as {fmt} ({where or error})") from None
     if not isinstance(frame.index, pd.RangeIndex):  # pandas took the first column(s) as the index
         raise PipelineError(f"{source}: {_first_long_line(text, fmt)} has more fields than the header "
                             f"({len(frame.columns)}); quote texts that contain the delimiter")
@@ -106,6 +108,20 @@ def read_text(source: Path) -> str:
         except (OSError, EOFError) as error:
             raise PipelineError(f"{source}: not a readable gzip file ({error})") from None
     return decode_text(raw, str(source))
+
+
+def _first_bad_json_line(text: str) -> str | None:
+    """The first line of a JSONL file that is not one JSON object, and why."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number} is not valid JSON ({error.msg}: column {error.colno})"
+        if not isinstance(record, dict):
+            return f"line {number} is a JSON {type(record).__name__}, not an object of columns"
+    return None
 
 
 def _dialect(fmt: str) -> dict:

@@ -26,7 +26,21 @@ def clean(frame: pd.DataFrame, min_chars: int) -> pd.DataFrame:
     kept = frame[frame["text"].str.len() >= min_chars].reset_index(drop=True)
     order = kept["label"].isna().sort_values(kind="stable").index
     first = ~text_key(kept.loc[order, "text"]).duplicated().to_numpy()
+    log.info("preprocess: %d text(s) shorter than preprocess.min_chars and %d repeat(s) dropped",
+             len(frame) - len(kept), int((~first).sum()))
+    report_conflicts(kept)
     return kept.loc[order[first]].sort_index().reset_index(drop=True)
+
+
+def report_conflicts(frame: pd.DataFrame) -> None:
+    """Say which repeated texts carry different labels: only the first row's label is kept."""
+    labels = frame.assign(key=text_key(frame["text"])).dropna(subset=["label"]).groupby("key")["label"]
+    conflicting = labels.nunique()
+    conflicting = conflicting[conflicting > 1]
+    if not conflicting.empty:
+        key = conflicting.index[0]
+        log.warning("preprocess: %d repeated text(s) carry different labels; each keeps its first row's label, "
+                    "e.g. %r labelled %s", len(conflicting), key[:80], sorted(labels.unique()[key]))
 
 
 def label_map(labels: pd.Series) -> dict[str, int]:
@@ -79,6 +93,7 @@ def _stratified(frame: pd.DataFrame, size: float, seed: int, what: str) -> tuple
 def split(frame: pd.DataFrame, cfg: PreprocessConfig) -> pd.DataFrame:
     rest, test = _stratified(frame, cfg.test_size, cfg.seed, "test")
     train, val = _stratified(rest, cfg.val_size / (1.0 - cfg.test_size), cfg.seed, "val")
+    check_every_class_in_every_split({"train": train, "val": val, "test": test})
     unlabeled = train.iloc[0:0]
     if cfg.n_per_class is not None:
         drawn = take_per_class(train, cfg.n_per_class, cfg.seed)
@@ -86,6 +101,17 @@ def split(frame: pd.DataFrame, cfg: PreprocessConfig) -> pd.DataFrame:
     unlabeled = unlabeled.assign(label=None)  # text only from here on
     return pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test"),
                       unlabeled.assign(split=UNLABELED)])
+
+
+def check_every_class_in_every_split(parts: dict[str, pd.DataFrame]) -> None:
+    """A class missing from val or test could not be early-stopped on or scored, yet would weigh on macro-F1 (and
+    the gate on it) as a zero: the stratified split rounds a class of a few rows to none in the smaller splits."""
+    counts = pd.DataFrame({name: part["label"].value_counts() for name, part in parts.items()}).fillna(0).astype(int)
+    short = counts[(counts == 0).any(axis=1)]
+    if not short.empty:
+        rows = {str(label): {name: int(n) for name, n in row.items()} for label, row in short.head(5).iterrows()}
+        raise PipelineError(f"preprocess: {len(short)} class(es) too small to occur in train, val and test: rows per "
+                            f"split {rows}; add rows for them, merge them into another class, or drop them")
 
 
 def check_labels(splits: pd.DataFrame) -> None:

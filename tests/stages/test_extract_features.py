@@ -178,6 +178,54 @@ def test_a_backbone_folder_with_only_pickled_weights_is_refused_not_unpickled(tm
     assert torch.equal(loaded.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
 
 
+@pytest.fixture(scope="module")
+def saved_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("backbones") / "saved"
+    load_encoder("default", torch.device("cpu"))[1].save_pretrained(folder)
+    load_tokenizer("default").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("remove", "message"), [
+    ("config.json", "has no config.json"),
+    ("tokenizer*", r"has no tokenizer \(none of tokenizer.json, vocab.txt"),  # transformers would make an all-[UNK] one
+])
+def test_a_backbone_folder_without_config_or_tokenizer_is_a_clear_error(saved_backbone: Path, tmp_path: Path,
+                                                                       remove: str, message: str) -> None:
+    folder = shutil.copytree(saved_backbone, tmp_path / "broken")
+    for path in folder.glob(remove):
+        path.unlink()
+    with pytest.raises(PipelineError, match=f"backbone.name '{folder}': {folder} {message}"):
+        load_encoder(str(folder), torch.device("cpu"))
+
+
+REMOTE_CODE = """import pathlib
+pathlib.Path(__file__).with_name("RAN").write_text("custom code ran")
+from transformers import BertConfig, BertModel
+class EvilConfig(BertConfig):
+    model_type = "evilbert"
+class EvilModel(BertModel):
+    config_class = EvilConfig
+"""
+
+
+@pytest.mark.parametrize("model_type", ["evilbert", "bert"])
+def test_custom_code_a_backbone_config_names_is_never_run(saved_backbone: Path, tmp_path: Path,
+                                                          model_type: str) -> None:
+    folder = shutil.copytree(saved_backbone, tmp_path / "custom")
+    (folder / "modeling_evil.py").write_text(REMOTE_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": model_type,
+               "auto_map": {"AutoConfig": "modeling_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    if model_type == "bert":  # a built-in type loads as that type, without the custom code
+        assert type(load_encoder(str(folder), torch.device("cpu"))[1]).__name__ == "BertModel"
+    else:
+        with pytest.raises(PipelineError, match=r"cannot load .* needs custom code \(config.json.s auto_map\), which is never run"):
+            load_encoder(str(folder), torch.device("cpu"))
+    assert not (folder / "RAN").exists()
+
+
 def test_long_documents_are_truncated_not_rejected() -> None:
     tokenizer, model = load_encoder("default", select_device())
     long_text = "a remarkably long review that keeps going " * 2000

@@ -160,6 +160,17 @@ def test_an_empty_file_in_a_folder_source_is_named(tmp_path: Path) -> None:
         ingest(_cfg(tmp_path, format="folder"))
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"text": "cut off", "lab', r"line 3 is not valid JSON \(Unterminated string starting at: column 21\)"),
+    ('["a", "list"]', r"line 3 is a JSON list, not an object of columns"),
+])
+def test_a_broken_jsonl_line_is_named(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine", "label": "a"}\n\n' + line + '\n{"text": "ok", "label": "b"}\n')
+    with pytest.raises(PipelineError, match=f"{path}: cannot parse as jsonl \\({message}"):
+        ingest(_cfg(path))
+
+
 def test_compressed_csv_is_read(tmp_path: Path) -> None:
     import gzip
 

@@ -112,3 +112,21 @@ def test_too_few_rows_with_integer_labels_names_them(tiny_frame: pd.DataFrame) -
     frame = tiny_frame.head(3).assign(label=pd.array([1, 2, 2], dtype="Int64"))
     with pytest.raises(PipelineError, match=r"label counts \{'2': 2, '1': 1\}"):
         preprocess(frame, repo_cfg("preprocess", train_domains=None))
+
+
+@pytest.mark.parametrize("rare_rows", [2, 3])
+def test_a_class_too_small_for_every_split_is_named(tiny_frame: pd.DataFrame, rare_rows: int) -> None:
+    frame = tiny_frame.copy()
+    frame.loc[frame.index[:rare_rows], "label"] = "sports"
+    with pytest.raises(PipelineError, match=r"1 class\(es\) too small to occur in train, val and test: rows per "
+                                            r"split \{'sports': \{'train': \d, 'val': \d, 'test': \d\}\}"):
+        preprocess(frame, repo_cfg("preprocess", train_domains=None))
+
+
+def test_repeats_with_different_labels_are_reported(tiny_frame: pd.DataFrame, caplog: pytest.LogCaptureFixture) -> None:
+    frame = pd.concat([tiny_frame, tiny_frame.head(4).assign(label="other")], ignore_index=True)
+    with caplog.at_level("INFO", logger="stages"):
+        splits, _ = preprocess(frame, repo_cfg("preprocess", train_domains=None))
+    assert "0 text(s) shorter than preprocess.min_chars and 4 repeat(s) dropped" in caplog.text
+    assert "4 repeated text(s) carry different labels; each keeps its first row's label" in caplog.text
+    assert len(splits) == len(tiny_frame) and (splits["label"] != "other").all()

@@ -17,7 +17,7 @@ from stages.backbone import (
     select_device,
 )
 from stages.config import BackboneConfig, ExtractConfig, load_params
-from stages.hub import hub_commit
+from stages.hub import folder_fingerprint, hub_commit
 from stages.io import EMBEDDINGS_FILE, META_FILE, atomic_path, log, remove_outputs, run_main, write_json
 from stages.onnx_runtime import onnx_forward
 
@@ -57,6 +57,9 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     meta = {"backbone": backbone.name, "backbone_revision": hub_commit(backbone.name, model.name_or_path),
             "max_length": backbone.max_length, "runtime": runtime, "precision": precision, "rows": len(texts),
             "dim": int(vectors.shape[1])}
+    fingerprint = folder_fingerprint(backbone.name)
+    if fingerprint is not None:  # a local folder: fine_tune and the probe's model check it is still what it was
+        meta["backbone_sha256"] = fingerprint
     computed = DTYPE_NAMES[reduced] if runtime == "torch" else precision
     log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads; precision: %s)", len(texts),
              meta["dim"], seconds, len(texts) / max(seconds, 1e-9), runtime, computed, device,

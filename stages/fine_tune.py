@@ -20,6 +20,7 @@ from stages.config import BaselineConfig, BlendConfig, LinearProbeConfig, Params
 from stages.contrastive import contrastive_warmup
 from stages.errors import PipelineError
 from stages.finetune_loop import TrainLog, seed_everything, train_at_least
+from stages.hub import check_unchanged, folder_fingerprint
 from stages.io import (
     META_FILE,
     atomic_path,
@@ -114,6 +115,9 @@ def train_candidate(params: Params, splits: pd.DataFrame, features: np.ndarray, 
             "params": params.model_dump(mode="json")}
     if cfg.strategy == "linear_probe":
         info["max_length"] = params.backbone.max_length
+        fingerprint = folder_fingerprint(params.backbone.name)
+        if fingerprint is not None:  # a local folder's files: the probe is only right on these
+            info["backbone_sha256"] = fingerprint
         save_model(folder, head, info)
         proba = probe.predict_proba(features)
     else:
@@ -193,6 +197,7 @@ def pinned_to_features(params: Params, meta: dict) -> Params:
     if meta.get("backbone", params.backbone.name) != params.backbone.name:
         raise PipelineError(f"the features were extracted with backbone {meta['backbone']!r} but backbone.name is "
                             f"{params.backbone.name!r}; run `dvc repro extract_features` to rebuild them")
+    check_unchanged(params.backbone.name, meta.get("backbone_sha256"), f"the features in {params.paths.features}")
     commit = meta.get("backbone_revision")
     return params if commit is None else params.model_copy(
         update={"backbone": params.backbone.model_copy(update={"revision": commit})})

@@ -3,6 +3,7 @@ Hugging Face cache. No torch or transformers here, so stages that only name a ba
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -64,3 +65,25 @@ def hub_commit(name: str, path: str) -> str | None:
     in_hub_cache = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
     is_hub_id = name != "default" and not Path(name).exists()
     return folder.name if is_hub_id and in_hub_cache else None
+
+
+def folder_fingerprint(name: str) -> str | None:
+    """sha256 of a local backbone folder's files (names and bytes); None for the default backbone or a hub id, which
+    a package version or a commit pins. DVC does not look inside the folder, so stages compare this instead."""
+    folder = Path(name)
+    if name == "default" or not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            with path.open("rb") as file:
+                digest.update(f"{relative.as_posix()}\0".encode() + hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()
+
+
+def check_unchanged(name: str, recorded: str | None, made: str) -> None:
+    """Refuse a local backbone folder whose files changed since `made` (features, a probe) came from it."""
+    if recorded is not None and folder_fingerprint(name) != recorded:
+        raise PipelineError(f"backbone folder {name!r} changed since {made} were made from it, and DVC does not look "
+                            "inside a backbone folder: run `dvc repro -f -s extract_features`, then `dvc repro`")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.hub import resolve_backbone
+from stages.hub import check_unchanged, resolve_backbone
 
 MODEL_JSON = "model.json"
 HEAD_FILE = "head.safetensors"
@@ -30,4 +30,5 @@ def encoder_path(folder: Path) -> str:
     if (Path(folder) / ENCODER_DIR).is_dir():
         return str(Path(folder) / ENCODER_DIR)
     info = read_info(folder)
+    check_unchanged(info["backbone"], info.get("backbone_sha256"), f"the linear probe in {folder}")
     return resolve_backbone(info["backbone"], info.get("backbone_revision"))

@@ -1,3 +1,5 @@
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,9 @@ from safetensors.torch import load_file
 from stages.config import Params
 from stages.errors import PipelineError
 from stages.fine_tune import fine_tune, pinned_to_features, training_metrics
-from stages.hub import resolve_backbone
+from stages.hub import folder_fingerprint, resolve_backbone
 from stages.model import HEAD_FILE, TextClassifier, read_info
+from stages.model_files import encoder_path
 from stages.preprocess import UNLABELED, preprocess
 from tests.conftest import SERVED_ATOL, drop_labels, repo_cfg, self_training_on, with_blend
 
@@ -41,6 +44,25 @@ def test_the_encoder_is_pinned_to_the_commit_the_features_came_from(tiny_params:
     assert pinned_to_features(tiny_params, {"backbone_revision": None}) is tiny_params
     with pytest.raises(PipelineError, match="extracted with backbone 'default' but backbone.name is 'org/model'"):
         pinned_to_features(hub, {"backbone": "default", "backbone_revision": None})
+
+
+def test_a_changed_local_backbone_folder_is_refused_not_used(tiny_params: Params, tiny_splits: tuple,
+                                                              tiny_features: np.ndarray, tmp_path: Path) -> None:
+    """DVC does not look inside a backbone folder: features and a probe record its files' hash, and a stage that
+    finds the folder changed stops instead of mixing a head fit on the old weights with the new ones."""
+    folder = shutil.copytree(resolve_backbone("default"), tmp_path / "my-backbone")
+    local = tiny_params.model_copy(update={"backbone": tiny_params.backbone.model_copy(update={"name": str(folder)})})
+    fine_tune(local, tiny_splits[0], tiny_features, LABELS, tmp_path / "model")
+    recorded = read_info(tmp_path / "model")["backbone_sha256"]
+    assert recorded == folder_fingerprint(str(folder)) and encoder_path(tmp_path / "model") == str(folder)
+    (folder / ".cache-note").write_text("hidden files are not the backbone's")
+    assert pinned_to_features(local, {"backbone_sha256": recorded}) is local
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    with pytest.raises(PipelineError, match=f"backbone folder '{folder}' changed since the features in .* were made"):
+        pinned_to_features(local, {"backbone_sha256": recorded})
+    with pytest.raises(PipelineError, match="changed since the linear probe in .* run `dvc repro -f -s extract_feat"):
+        encoder_path(tmp_path / "model")
 
 
 def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,

@@ -6,6 +6,8 @@ import os
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
@@ -19,7 +21,14 @@ class TextClassifierModel(PythonModel):
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "text" not in model_input.columns:
             raise ValueError(f"input needs a column 'text'; got columns {list(model_input.columns)}")
-        texts = model_input["text"].fillna("").astype(str).tolist()
+        from stages.ingest import blank
+
+        missing = blank(model_input["text"]).to_numpy()
+        if missing.any():  # a prediction for no text would look like an answer
+            rows = ", ".join(map(str, missing.nonzero()[0][:5].tolist()))
+            raise MlflowException(f"column 'text' is empty or null in row(s) {rows} (0-based) of "
+                                  f"{len(missing)}; send text in every row", error_code=INVALID_PARAMETER_VALUE)
+        texts = model_input["text"].astype(str).tolist()
         proba = self.classifier.predict_proba(texts)
         labels = self.classifier.labels
         out = pd.DataFrame({f"prob_{label}": proba[:, i].astype("float64") for i, label in enumerate(labels)})

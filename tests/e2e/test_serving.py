@@ -29,6 +29,10 @@ def test_mlflow_serves_the_champion(pipeline_project: Path) -> None:
         bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["review"], "data": [["x"]]}},
                             timeout=60)
         assert bad.status_code >= 400
+        empty = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["text"],
+                                                                             "data": [["a fine film"], ["  "]]}},
+                              timeout=60)
+        assert empty.status_code == 400 and "column 'text' is empty or null in row(s) 1 (0-based)" in empty.text
 
 
 def test_batch_prediction_scores_a_file(pipeline_project: Path, tmp_path: Path) -> None:

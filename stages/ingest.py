@@ -154,8 +154,12 @@ def _first_long_line(text: str, fmt: str) -> str:
 def read_folder(source: Path) -> pd.DataFrame:
     if not source.is_dir():
         raise PipelineError(f"data.format is folder but {source} is not a folder; set data.format: auto")
-    rows = [{"text": decode_text(file.read_bytes(), str(file)), "label": file.parent.name}
-            for file in folder_files(source)]
+    files = folder_files(source)
+    rows = [{"text": decode_text(file.read_bytes(), str(file)), "label": file.parent.name} for file in files]
+    nested = sorted(set(source.glob("*/**/*.txt")) - set(files))
+    if nested:
+        log.warning("ingest: %d .txt file(s) in folders below the class folders are not read, e.g. %s", len(nested),
+                    nested[0].relative_to(source))
     if not rows:
         raise PipelineError(f"{source}: no <class>/<file>.txt files found; put one sub-folder of .txt files per class")
     return pd.DataFrame(rows)
@@ -295,6 +299,10 @@ def check_classes(frame: pd.DataFrame, source: Path, label_column: str) -> None:
     if len(classes) < 2:
         raise PipelineError(f"{source}: column {label_column!r} has a single class {list(classes)}; "
                             "a classifier needs at least two")
+    spellings = pd.Series(classes).groupby(pd.Series(classes).str.casefold()).unique()
+    alike = [sorted(group) for group in spellings if len(group) > 1]
+    if alike:
+        log.warning("ingest: %s: labels that differ only in case are different classes: %s", source, alike[:5])
 
 
 def data_report(frame: pd.DataFrame, source: Path) -> dict:

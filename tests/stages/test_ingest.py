@@ -171,6 +171,17 @@ def test_a_broken_jsonl_line_is_named(tmp_path: Path, line: str, message: str) -
         ingest(_cfg(path))
 
 
+def test_case_twins_and_nested_files_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ["Movie/a.txt", "movie/b.txt", "book/c.txt", "book/old/d.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"text of {name}")
+    with caplog.at_level("INFO", logger="stages"):
+        frame = ingest(_cfg(tmp_path, format="folder"))
+    assert sorted(frame["label"]) == ["Movie", "book", "movie"]
+    assert "labels that differ only in case are different classes: [['Movie', 'movie']]" in caplog.text
+    assert "1 .txt file(s) in folders below the class folders are not read, e.g. book/old/d.txt" in caplog.text
+
+
 def test_compressed_csv_is_read(tmp_path: Path) -> None:
     import gzip
 

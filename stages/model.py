@@ -124,6 +124,8 @@ class TextClassifier:
             self.ngram = NgramModel(folder / NGRAM_DIR)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
+        if not texts:  # the tokenizer fails on an empty batch; an empty request gets an empty answer
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
         proba = classify(self.encoder, self.tokenizer, self.head, texts, self.max_length, self.batch_size)
         return proba if self.ngram is None else blend(proba, self.ngram.predict_proba(texts), self.ngram_weight)
 

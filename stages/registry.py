@@ -34,13 +34,35 @@ def configure_mlflow() -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+LOCK_FILES = (Path("dvc.lock"), Path("studies/dvc.lock"))
+
+
+def pipeline_written(lock_files: tuple[Path, ...] = LOCK_FILES) -> set[str]:
+    """The git-tracked files a run itself rewrites: the lock files and the stages' outputs they list (metrics and
+    reports kept in git), relative to the repository root."""
+    written = {lock.as_posix() for lock in lock_files}
+    for lock in lock_files:
+        if lock.is_file() and lock.with_name("dvc.yaml").is_file():
+            locked = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+            declared = (yaml.safe_load(lock.with_name("dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+            for name, stage in locked.items():
+                wdir = lock.parent / declared.get(name, {}).get("wdir", ".")
+                written |= {os.path.normpath(wdir / out["path"]) for out in stage.get("outs", [])}
+    return written
+
+
 def git_commit() -> str:
+    """HEAD, with `-dirty` when tracked files other than what the pipeline writes itself differ from it: a run
+    always rewrites dvc.lock and its git-kept metrics, and those are recorded as DVC hashes next to the commit."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "HEAD", "--name-only", "--no-renames"], capture_output=True,
+                                 text=True, check=True).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    written = pipeline_written()
+    dirty = [path for path in changed if path and not any(path == out or path.startswith(f"{out}/")
+                                                          for out in written)]
     return f"{sha}{'-dirty' if dirty else ''}"
 
 

@@ -1,4 +1,5 @@
 import hashlib
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -9,7 +10,7 @@ import pytest
 from stages.io import read_json
 from stages.preprocess import text_key
 from stages.register import fingerprints
-from stages.registry import ChampionScore, decide, text_fingerprints
+from stages.registry import ChampionScore, decide, git_commit, text_fingerprints
 from tests.conftest import registry_client, repo_cfg, run, set_param
 
 CANDIDATE = {"accuracy": 0.80, "macro_f1": 0.79}
@@ -230,3 +231,26 @@ def test_a_champion_of_other_labels_is_never_replaced(registered: Path) -> None:
     record = read_json(root / "reports/registry.json")
     assert record["model_name"] == "mood-classifier" and record["decision"] == "promoted"
     assert str(client.get_model_version_by_alias("transfer-classifier", "champion").version) == "1"
+
+
+def test_the_commit_is_dirty_only_for_changes_the_run_did_not_write(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    cmd: x\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: metrics/m.json\n")
+    (tmp_path / "studies" / "dvc.yaml").write_text("stages:\n  study:\n    cmd: x\n    wdir: ..\n")
+    (tmp_path / "studies" / "dvc.lock").write_text("stages:\n  study:\n    outs:\n    - path: metrics/s.json\n")
+    for name in ("metrics/m.json", "metrics/s.json", "code.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("1")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    for name in ("dvc.lock", "metrics/m.json", "metrics/s.json"):  # what a run rewrites itself
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "\n# rewritten\n")
+    assert git_commit() == head
+    (tmp_path / "code.py").write_text("2")
+    assert git_commit() == f"{head}-dirty"

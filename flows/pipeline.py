@@ -77,7 +77,8 @@ def reproduce(name: str, root: str, timeout_s: float | None = None) -> dict[str,
     """`dvc repro --single-item <stage>` unless DVC says the stage is up to date; a changed stage may still be
     restored from DVC's run cache instead of run.
 
-    On timeout the whole process group goes (dvc and the stage it started), so a retry never races a leftover.
+    On timeout, or when the flow run is interrupted or cancelled, the whole process group goes (dvc and the stage it
+    started): it runs in a session of its own, which a terminal's Ctrl-C or a worker's signal never reaches.
     """
     logger = get_run_logger()
     if up_to_date(name, root):
@@ -92,6 +93,10 @@ def reproduce(name: str, root: str, timeout_s: float | None = None) -> dict[str,
         stop(process)
         raise StageFailed(f"stage {name} ran past its timeout of {timeout_s} s (meta.prefect.timeout_seconds "
                           "in dvc.yaml) and was stopped", TIMEOUT_EXIT) from None
+    except BaseException:  # Ctrl-C, Prefect's cancellation (SIGTERM) or its task timeout
+        logger.warning("%s: interrupted; stopping the stage", name)
+        stop(process)
+        raise
     output = output.strip()
     if process.returncode != 0:
         code = stage_exit_code(output, process.returncode)

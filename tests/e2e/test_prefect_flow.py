@@ -1,8 +1,10 @@
 """The Prefect flow through a real Prefect server: one task per dvc.yaml stage, sharing DVC's lock and cache."""
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,5 +157,34 @@ def test_a_stage_past_its_timeout_is_stopped_with_its_children(prefect_server: s
     assert result.returncode != 0
     assert "extract_features ran past its timeout of 1" in result.stdout + result.stderr
     leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline", "cwd"])  # this project's stage only
-                 if "stages.extract_features" in " ".join(p.info["cmdline"] or []) and p.info["cwd"] == str(root)]
+                 if "time.sleep(600)" in " ".join(p.info["cmdline"] or []) and p.info["cwd"] == str(root)]
     assert not leftovers, f"the stage process outlived its timeout: {leftovers}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a worker cancelling the run
+def test_an_interrupted_flow_stops_the_stage_it_was_running(prefect_server: str, tmp_path: Path,
+                                                            sig: signal.Signals) -> None:
+    root = make_project(tmp_path / "interrupted")
+    dag = (root / "dvc.yaml").read_text()  # a stage that is still running when the signal comes
+    (root / "dvc.yaml").write_text(dag.replace("cmd: python -m stages.extract_features",
+                                               'cmd: python -c "import time; time.sleep(600)" && '
+                                               "python -m stages.extract_features"))
+    env = project_env(root) | {"PREFECT_API_URL": prefect_server}
+    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--root", str(root)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stage_processes() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline", "cwd"])
+                if "time.sleep(600)" in " ".join(p.info["cmdline"] or []) and p.info["cwd"] == str(root)]
+
+    try:
+        deadline = time.monotonic() + 300
+        while not stage_processes():
+            assert flow.poll() is None and time.monotonic() < deadline, "extract_features never started"
+            time.sleep(0.2)
+        flow.send_signal(sig)
+        assert flow.wait(timeout=120) != 0
+    finally:
+        flow.kill()
+    _, alive = psutil.wait_procs(stage_processes(), timeout=30)
+    assert not alive, "the stage outlived the interrupted flow"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -77,9 +78,15 @@ def load_features(folder: Path) -> np.ndarray:
 
 
 def remove_outputs(*paths: Path) -> None:
-    """Delete stale outputs so a failed stage never leaves a previous run's files looking current."""
+    """Delete stale outputs so a failed stage never leaves a previous run's files looking current, and the
+    temporary siblings (`atomic_path`) a killed run left behind."""
     for path in paths:
         path = Path(path)
+        if path.parent.is_dir():
+            temporary = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")  # tempfile.mkdtemp's names
+            for leftover in path.parent.glob(f".{path.name}.*"):
+                if temporary.fullmatch(leftover.name) and leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.io import atomic_path, write_json
+from stages.io import atomic_path, remove_outputs, write_json
 from tests.conftest import ROOT
 
 STOPPED_MID_WRITE = """
@@ -44,3 +44,18 @@ def test_a_stage_stopped_by_sigterm_removes_its_temporary_output(tmp_path: Path)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_run_removes_what_a_killed_write_left(tmp_path: Path) -> None:
+    """SIGKILL leaves no chance to clean up: the stage's next start removes the temporary sibling."""
+    target = tmp_path / "features"
+    process = subprocess.Popen([sys.executable, "-c", STOPPED_MID_WRITE, str(target)], cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "writing"
+    process.kill()
+    process.wait(timeout=30)
+    (tmp_path / "features.json").write_text("a neighbour, kept")
+    (tmp_path / ".features.json.abcd1234").mkdir()  # another output's temporary: not this one's to remove
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".features.")]) == 2
+    remove_outputs(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".features.json.abcd1234", "features.json"]

@@ -195,6 +195,32 @@ def reused_record(client: MlflowClient, version: ModelVersion) -> dict:
     return record | {"reused": True, "champion": alias_version(client, version.name, CHAMPION)}
 
 
+def champion_moved(record: dict, version: ModelVersion) -> bool:
+    """Has `@champion` moved to another version since `version`'s gate left it (another version promoted since, or
+    the alias set by hand)? A version deploy rolled back is never gated again: it failed to serve."""
+    left = str(version.version) if record["decision"] == "promoted" else record["previous_champion"]
+    now = record["champion"]
+    return now not in {left, str(version.version)} and "deploy.rolled_back" not in version.tags
+
+
+def regate(client: MlflowClient, params: Params, version: ModelVersion, record: dict) -> dict:
+    """Gate an already registered version again, against the champion of now, and move the aliases as it says."""
+    name, current = version.name, record["champion"]
+    log.warning("register: @champion of %s is version %s now, not the one version %s was gated against; gating "
+                "it again", name, current, version.version)
+    decision, champion = gate(client, params, current, pd.read_parquet(params.paths.splits), log_texts=False)
+    apply_decision(client, name, str(version.version), decision, current)
+    record = record | {"decision": "promoted" if decision.promote else "rejected", "reasons": decision.reasons,
+                       "champion_accuracy": champion and champion.accuracy,
+                       "champion_compared_on": champion and {"rows": champion.rows, "of_test_rows": champion.of_rows,
+                                                             "candidate_accuracy": champion.candidate_accuracy},
+                       "previous_champion": current, "regated_against": current}
+    client.set_model_version_tag(name, str(version.version), RECORD_TAG,
+                                 json.dumps({k: v for k, v in record.items()
+                                             if k not in {"reused", "champion", "regated_against"}}))
+    return record | {"champion": alias_version(client, name, CHAMPION)}
+
+
 def unfinished_registration(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
     """A version created for this key whose gate never finished (a run killed or failed between creating it and
     tagging its key): the retry finishes it instead of registering a second copy."""
@@ -252,7 +278,10 @@ def register(params: Params) -> dict:
     if (before := registered_before(client, cfg.model_name, key)) is not None:
         log.info("register: version %s of %s already holds this model, split and gate; not registered again",
                  before.version, cfg.model_name)
-        return reused_record(client, before)
+        record = reused_record(client, before)
+        if not champion_moved(record, before):
+            return record
+        return regate(client, params, before, record)
     splits = pd.read_parquet(paths.splits)
     unfinished = unfinished_registration(client, cfg.model_name, key)
     previous = champion_before(client, cfg.model_name, unfinished)

@@ -125,6 +125,32 @@ def test_the_same_registration_is_not_registered_twice(registered: Path) -> None
     assert "reused" not in changed and changed["version"] == "2"
 
 
+def test_a_reused_version_is_gated_again_when_the_champion_moved_since(registered: Path) -> None:
+    """Back on the params of version 1 after version 2 took `@champion`: version 1 is not registered again, but its
+    old "promoted" would be stale, so it is gated against version 2 (the same model: a tie keeps the champion)."""
+    root = registered
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    name = read_json(root / "reports/registry.json")["model_name"]
+    set_param(root, "register", "min_gain_over_champion", -0.5)
+    run([sys.executable, "-m", "stages.register"], root)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    set_param(root, "register", "min_gain_over_champion", 0.0)
+    result = run([sys.executable, "-m", "stages.register"], root)
+    regated = read_json(root / "reports/registry.json")
+    assert "version 1 was gated against; gating it again" in result.stderr
+    assert {k: regated[k] for k in ("version", "decision", "previous_champion", "regated_against", "champion")} == {
+        "version": "1", "decision": "rejected", "previous_champion": "2", "regated_against": "2", "champion": "2"}
+    assert any("gain over champion +0.0000" in reason for reason in regated["reasons"])
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
+    run([sys.executable, "-m", "stages.register"], root)  # nothing moved since: the record as the last gate wrote it
+    again = read_json(root / "reports/registry.json")
+    assert again == {k: v for k, v in regated.items() if k != "regated_against"}
+    client.set_registered_model_alias(name, "champion", "1")  # by hand, to this very version: nothing to gate
+    run([sys.executable, "-m", "stages.register"], root)
+    assert read_json(root / "reports/registry.json") == again | {"champion": "1"}
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+
 INTERRUPTED_REGISTER = """
 import sys
 import stages.register as register

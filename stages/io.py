@@ -108,3 +108,6 @@ def run_main(main: Callable[[], None]) -> None:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: outputs already unwound by atomic_path; no traceback, the shell's 130
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -46,6 +46,16 @@ def test_a_stage_stopped_by_sigterm_removes_its_temporary_output(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_removes_the_temporary_output_without_a_traceback(tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-c", STOPPED_MID_WRITE, str(tmp_path / "features")], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "writing"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGINT and stderr.strip() == "interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_next_run_removes_what_a_killed_write_left(tmp_path: Path) -> None:
     """SIGKILL leaves no chance to clean up: the stage's next start removes the temporary sibling."""
     target = tmp_path / "features"

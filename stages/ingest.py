@@ -228,11 +228,14 @@ def row_places(source: Path, fmt: str, rows: int) -> tuple[str, list[str]] | Non
     if fmt == "jsonl":
         lines = [number for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     else:
+        physical = io.StringIO(text, newline="").readlines()
+        delimiter = _dialect(fmt).get("delimiter", ",")
         lines, start, header = [], 1, True
-        reader = csv.reader(io.StringIO(text, newline=""), **_dialect(fmt))
+        reader = csv.reader(physical, **_dialect(fmt))
         try:
-            for record in reader:
-                if len(record) > 1 or (record and record[0].strip()):
+            for _ in reader:
+                raw = "".join(physical[start - 1:reader.line_num])
+                if raw.replace(delimiter, "x").strip():  # pandas skips lines of nothing but spaces
                     if not header:
                         lines.append(start)
                     header = False

@@ -76,6 +76,7 @@ def test_builtin_default_has_four_domains() -> None:
     # blank lines, whitespace-only lines and quoted multi-line texts before the bad row: its line, as an editor shows
     (b"text,label\n\nhi,a\n   \n\"two\nlines\",b\n,b\nyo,a\n", {}, r"empty or null in line\(s\) 7;"),
     (b"text,label\r\n\r\n\"two\r\nlines\",b\r\nyo,\r\nhi,a\r\n", {}, r"'label' is empty or null in line\(s\) 5;"),
+    (b"text,label\nhi,a\n\"  \",b\n\n\"\",a\nyo,b\n", {}, r"'text' is empty or null in line\(s\) 3, 5;"),  # quoted blanks
 ])
 def test_bad_input_names_file_and_column(tmp_path: Path, content: bytes, kw: dict, message: str) -> None:
     path = tmp_path / "bad.csv"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -93,6 +94,21 @@ def _why(error: Exception) -> str:
     return str(error)
 
 
+@contextmanager
+def no_unpickling(name: str) -> Iterator[None]:
+    """torch.load refused while transformers reads a backbone: a pickled file that a config (`transformers_weights`)
+    or a safetensors index names is never read, even though *.safetensors files are there."""
+    def refuse(file: object, *_args: object, **_kwargs: object) -> None:
+        raise PipelineError(f"backbone.name {name!r}: loading it would unpickle {file}, which its config.json or "
+                            "model.safetensors.index.json names; weights are only read from safetensors")
+
+    original, torch.load = torch.load, refuse
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     return _tokenizer(name, resolve_backbone(name, revision))
 
@@ -112,8 +128,9 @@ def load_encoder(name: str, device: torch.device,
     path = resolve_backbone(name, revision)
     tokenizer = _tokenizer(name, path)
     try:
-        model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError) as error:
+        with no_unpickling(name):
+            model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, SafetensorError) as error:
         raise PipelineError(f"backbone.name {name!r}: cannot load a model from {path} ({_why(error)})") from None
     vocabulary = getattr(model.config, "vocab_size", None)
     if vocabulary is not None and len(tokenizer) > vocabulary:

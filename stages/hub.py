@@ -3,6 +3,7 @@ Hugging Face cache. No torch or transformers here, so stages that only name a ba
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -73,17 +74,29 @@ def folder_fingerprint(name: str) -> str | None:
     folder = Path(name)
     if name == "default" or not folder.is_dir():
         return None
+    files = sorted(path for path in folder.rglob("*") if path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    # hashed once per process for the same files, sizes and modification times (a stage checks, then records it)
+    return _digest(folder.resolve(), tuple((path.relative_to(folder).as_posix(), path.stat().st_size,
+                                            path.stat().st_mtime_ns) for path in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(folder: Path, files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            with path.open("rb") as file:
-                digest.update(f"{relative.as_posix()}\0".encode() + hashlib.file_digest(file, "sha256").digest())
+    for relative, _, _ in files:
+        with (folder / relative).open("rb") as file:
+            digest.update(f"{relative}\0".encode() + hashlib.file_digest(file, "sha256").digest())
     return digest.hexdigest()
 
 
 def check_unchanged(name: str, recorded: str | None, made: str) -> None:
     """Refuse a local backbone folder whose files changed since `made` (features, a probe) came from it."""
-    if recorded is not None and folder_fingerprint(name) != recorded:
+    if recorded is None:
+        return
+    if not Path(name).is_dir():
+        raise PipelineError(f"backbone folder {name!r}, which {made} were made from, is not there (relative to "
+                            f"{Path.cwd()}); restore it, or set backbone.name to another backbone and run `dvc repro`")
+    if folder_fingerprint(name) != recorded:
         raise PipelineError(f"backbone folder {name!r} changed since {made} were made from it, and DVC does not look "
                             "inside a backbone folder: run `dvc repro -f -s extract_features`, then `dvc repro`")

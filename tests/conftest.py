@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -163,6 +164,17 @@ def trained_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(finetune_loop, "finetune", spy)
     return seen
+
+
+@pytest.fixture
+def sigint_reaches_children() -> Iterator[None]:
+    """Children started in the test see Ctrl-C: a test run started in the background has SIGINT ignored, and an
+    ignored signal stays ignored in every process it starts (a handled one is reset to the default)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def make_project(root: Path, overrides: dict | None = None) -> Path:

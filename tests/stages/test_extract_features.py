@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from benchmarks.ort_fusions import kernel_seconds
 from stages.backbone import (
@@ -196,6 +197,33 @@ def test_a_backbone_folder_without_config_or_tokenizer_is_a_clear_error(saved_ba
     for path in folder.glob(remove):
         path.unlink()
     with pytest.raises(PipelineError, match=f"backbone.name '{folder}': {folder} {message}"):
+        load_encoder(str(folder), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("route", ["index", "config"])
+def test_pickled_weights_a_config_or_index_names_are_never_unpickled(saved_backbone: Path, tmp_path: Path,
+                                                                     route: str) -> None:
+    folder = shutil.copytree(saved_backbone, tmp_path / "sneaky")
+    state = load_file(str(folder / "model.safetensors"))
+    torch.save(state, folder / "weights.bin")
+    if route == "index":  # a safetensors file is there, but the index sends every weight to the pickle
+        (folder / "model.safetensors").rename(folder / "unused.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": dict.fromkeys(state, "weights.bin")}))
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "weights.bin"}))
+    # transformers itself refuses a config's pickle when asked for safetensors; the index it would follow
+    refused = r"would unpickle .*weights\.bin" if route == "index" else r"neither a safetensors file .*weights\.bin"
+    with pytest.raises(PipelineError, match=refused):
+        load_encoder(str(folder), torch.device("cpu"))
+
+
+def test_corrupt_safetensors_weights_are_a_clear_error(saved_backbone: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(saved_backbone, tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(PipelineError, match=f"cannot load a model from {folder}"):
         load_encoder(str(folder), torch.device("cpu"))
 
 

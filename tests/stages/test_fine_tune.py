@@ -63,6 +63,9 @@ def test_a_changed_local_backbone_folder_is_refused_not_used(tiny_params: Params
         pinned_to_features(local, {"backbone_sha256": recorded})
     with pytest.raises(PipelineError, match="changed since the linear probe in .* run `dvc repro -f -s extract_feat"):
         encoder_path(tmp_path / "model")
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(PipelineError, match=f"backbone folder '{folder}', which the linear probe .* is not there"):
+        encoder_path(tmp_path / "model")
 
 
 def test_saved_probe_reproduces_its_predictions(tiny_params: Params, tiny_splits: tuple, tiny_features: np.ndarray,

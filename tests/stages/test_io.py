@@ -46,6 +46,7 @@ def test_a_stage_stopped_by_sigterm_removes_its_temporary_output(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.usefixtures("sigint_reaches_children")
 def test_ctrl_c_removes_the_temporary_output_without_a_traceback(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-c", STOPPED_MID_WRITE, str(tmp_path / "features")], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

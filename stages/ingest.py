@@ -110,13 +110,17 @@ def read_text(source: Path) -> str:
     return decode_text(raw, str(source))
 
 
+def json_lines(text: str) -> list[tuple[int, str]]:
+    """The records of a JSONL text with their line numbers: lines split at "\n" only and blank ones skipped, as
+    pandas reads them."""
+    return [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
 def _first_bad_json_line(text: str) -> str | None:
     """The first line of a JSONL file that is not one JSON object, and why."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in json_lines(text):
         try:
-            record = json.loads(line)
+            record = json.loads(line, strict=False)  # pandas, too, takes raw control characters inside strings
         except json.JSONDecodeError as error:
             return f"line {number} is not valid JSON ({error.msg}: column {error.colno})"
         if not isinstance(record, dict):
@@ -226,7 +230,7 @@ def row_places(source: Path, fmt: str, rows: int) -> tuple[str, list[str]] | Non
         return None
     text = read_text(source)
     if fmt == "jsonl":
-        lines = [number for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        lines = [number for number, _ in json_lines(text)]
     else:
         physical = io.StringIO(text, newline="").readlines()
         delimiter = _dialect(fmt).get("delimiter", ",")

@@ -195,12 +195,29 @@ def reused_record(client: MlflowClient, version: ModelVersion) -> dict:
     return record | {"reused": True, "champion": alias_version(client, version.name, CHAMPION)}
 
 
-def champion_moved(record: dict, version: ModelVersion) -> bool:
-    """Has `@champion` moved to another version since `version`'s gate left it (another version promoted since, or
-    the alias set by hand)? A version deploy rolled back is never gated again: it failed to serve."""
+def gate_record(decision: Decision, champion: ChampionScore | None, previous: str | None) -> dict:
+    """What a gate decided, and against which champion, for `reports/registry.json` and the version's record."""
+    return {"decision": "promoted" if decision.promote else "rejected", "reasons": decision.reasons,
+            "champion_accuracy": champion and champion.accuracy,
+            "champion_compared_on": champion and {"rows": champion.rows, "of_test_rows": champion.of_rows,
+                                                  "candidate_accuracy": champion.candidate_accuracy},
+            "previous_champion": previous}
+
+
+def champion_moved(client: MlflowClient, record: dict, version: ModelVersion) -> bool:
+    """Has a later version's gate taken `@champion` since `version`'s gate left it? Then `version`'s old decision
+    is stale and it is gated again. An alias set by hand (an operator's rollback) is left as it is, and so is a
+    version deploy rolled back."""
     left = str(version.version) if record["decision"] == "promoted" else record["previous_champion"]
     now = record["champion"]
-    return now not in {left, str(version.version)} and "deploy.rolled_back" not in version.tags
+    if now in {left, str(version.version)} or "deploy.rolled_back" in version.tags:
+        return False
+    promoted_since = now is not None and int(now) > int(version.version) and \
+        client.get_model_version(version.name, now).tags.get("gate.decision") == "promoted"
+    if not promoted_since:
+        log.warning("register: @champion of %s was moved to %s by hand since version %s was gated (its record, "
+                    "reused, is of that gate); left as it is", version.name, now or "no version", version.version)
+    return promoted_since
 
 
 def regate(client: MlflowClient, params: Params, version: ModelVersion, record: dict) -> dict:
@@ -210,11 +227,8 @@ def regate(client: MlflowClient, params: Params, version: ModelVersion, record: 
                 "it again", name, current, version.version)
     decision, champion = gate(client, params, current, pd.read_parquet(params.paths.splits), log_texts=False)
     apply_decision(client, name, str(version.version), decision, current)
-    record = record | {"decision": "promoted" if decision.promote else "rejected", "reasons": decision.reasons,
-                       "champion_accuracy": champion and champion.accuracy,
-                       "champion_compared_on": champion and {"rows": champion.rows, "of_test_rows": champion.of_rows,
-                                                             "candidate_accuracy": champion.candidate_accuracy},
-                       "previous_champion": current, "regated_against": current}
+    client.set_tag(version.run_id, "gate.decision", "promoted" if decision.promote else "rejected")
+    record = record | gate_record(decision, champion, current) | {"regated_against": current}
     client.set_model_version_tag(name, str(version.version), RECORD_TAG,
                                  json.dumps({k: v for k, v in record.items()
                                              if k not in {"reused", "champion", "regated_against"}}))
@@ -279,7 +293,7 @@ def register(params: Params) -> dict:
         log.info("register: version %s of %s already holds this model, split and gate; not registered again",
                  before.version, cfg.model_name)
         record = reused_record(client, before)
-        if not champion_moved(record, before):
+        if not champion_moved(client, record, before):
             return record
         return regate(client, params, before, record)
     splits = pd.read_parquet(paths.splits)
@@ -308,14 +322,10 @@ def register(params: Params) -> dict:
     record = {
         "model_name": cfg.model_name, "version": version, "run_id": run_id,
         "model_uri": f"models:/{cfg.model_name}/{version}",
-        "decision": "promoted" if decision.promote else "rejected", "reasons": decision.reasons,
         "candidate_accuracy": evaluation["test"]["candidate"]["accuracy"],
         "baseline_accuracy": evaluation["test"]["baseline"]["accuracy"],
-        "champion_accuracy": champion and champion.accuracy,
-        "champion_compared_on": champion and {"rows": champion.rows, "of_test_rows": champion.of_rows,
-                                              "candidate_accuracy": champion.candidate_accuracy},
-        "previous_champion": previous,
-    } | ({"finished_after_interruption": True} if unfinished is not None else {})
+    } | gate_record(decision, champion, previous) | (
+        {"finished_after_interruption": True} if unfinished is not None else {})
     client.set_model_version_tag(cfg.model_name, version, RECORD_TAG, json.dumps(record))
     client.set_model_version_tag(cfg.model_name, version, KEY_TAG, key)  # last: the registration is complete
     return record | {"champion": alias_version(client, cfg.model_name, CHAMPION)}

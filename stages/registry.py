@@ -56,11 +56,15 @@ def git_commit() -> str:
     always rewrites dvc.lock and its git-kept metrics, and those are recorded as DVC hashes next to the commit."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "HEAD", "--name-only", "--no-renames"], capture_output=True,
-                                 text=True, check=True).stdout.split("\n")
+        # paths relative to the project (which may sit below the repository's root), unquoted
+        changed = subprocess.run(["git", "diff", "HEAD", "--name-only", "--no-renames", "--relative", "-z"],
+                                 capture_output=True, text=True, check=True).stdout.split("\0")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    written = pipeline_written()
+    try:
+        written = pipeline_written()
+    except yaml.YAMLError:  # a lock file being rewritten or broken: only it is known to be the run's
+        written = {lock.as_posix() for lock in LOCK_FILES}
     dirty = [path for path in changed if path and not any(path == out or path.startswith(f"{out}/")
                                                           for out in written)]
     return f"{sha}{'-dirty' if dirty else ''}"

@@ -167,7 +167,8 @@ def test_an_empty_file_in_a_folder_source_is_named(tmp_path: Path) -> None:
 ])
 def test_a_broken_jsonl_line_is_named(tmp_path: Path, line: str, message: str) -> None:
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "fine", "label": "a"}\n\n' + line + '\n{"text": "ok", "label": "b"}\n')
+    # a raw tab and a line separator inside strings: pandas reads both, so they are not the broken line
+    path.write_text('{"text": "fine\tand\u2028well", "label": "a"}\n\n' + line + '\n{"text": "ok", "label": "b"}\n')
     with pytest.raises(PipelineError, match=f"{path}: cannot parse as jsonl \\({message}"):
         ingest(_cfg(path))
 

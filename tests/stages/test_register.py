@@ -145,10 +145,22 @@ def test_a_reused_version_is_gated_again_when_the_champion_moved_since(registere
     run([sys.executable, "-m", "stages.register"], root)  # nothing moved since: the record as the last gate wrote it
     again = read_json(root / "reports/registry.json")
     assert again == {k: v for k, v in regated.items() if k != "regated_against"}
+    assert client.get_run(regated["run_id"]).data.tags["gate.decision"] == "rejected"
     client.set_registered_model_alias(name, "champion", "1")  # by hand, to this very version: nothing to gate
     run([sys.executable, "-m", "stages.register"], root)
     assert read_json(root / "reports/registry.json") == again | {"champion": "1"}
-    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    # an operator's rollback by hand, from the version the gate promoted to an older one, is left as it is
+    client.set_registered_model_alias(name, "champion", "2")
+    set_param(root, "register", "min_gain_over_champion", -0.4)
+    run([sys.executable, "-m", "stages.register"], root)
+    assert read_json(root / "reports/registry.json")["version"] == "3"  # promoted over version 2
+    client.set_registered_model_alias(name, "champion", "2")
+    result = run([sys.executable, "-m", "stages.register"], root)
+    kept = read_json(root / "reports/registry.json")
+    assert "was moved to 2 by hand since version 3 was gated" in result.stderr
+    assert (kept["version"], kept["decision"], kept["champion"], "regated_against" in kept) == ("3", "promoted", "2",
+                                                                                                False)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 3
 
 
 INTERRUPTED_REGISTER = """
@@ -264,10 +276,11 @@ def test_the_commit_is_dirty_only_for_changes_the_run_did_not_write(tmp_path: Pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "studies").mkdir()
     (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    cmd: x\n")
-    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: metrics/m.json\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: metrics/m.json\n"
+                                       "    - path: metrics/café.json\n")
     (tmp_path / "studies" / "dvc.yaml").write_text("stages:\n  study:\n    cmd: x\n    wdir: ..\n")
     (tmp_path / "studies" / "dvc.lock").write_text("stages:\n  study:\n    outs:\n    - path: metrics/s.json\n")
-    for name in ("metrics/m.json", "metrics/s.json", "code.py"):
+    for name in ("metrics/m.json", "metrics/s.json", "code.py", "metrics/café.json"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("1")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -275,7 +288,7 @@ def test_the_commit_is_dirty_only_for_changes_the_run_did_not_write(tmp_path: Pa
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    for name in ("dvc.lock", "metrics/m.json", "metrics/s.json"):  # what a run rewrites itself
+    for name in ("dvc.lock", "metrics/m.json", "metrics/s.json", "metrics/café.json"):  # what a run rewrites
         (tmp_path / name).write_text((tmp_path / name).read_text() + "\n# rewritten\n")
     assert git_commit() == head
     (tmp_path / "code.py").write_text("2")

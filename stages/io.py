@@ -84,7 +84,7 @@ def remove_outputs(*paths: Path) -> None:
         path = Path(path)
         if path.parent.is_dir():
             temporary = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")  # tempfile.mkdtemp's names
-            for leftover in path.parent.glob(f".{path.name}.*"):
+            for leftover in path.parent.iterdir():
                 if temporary.fullmatch(leftover.name) and leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
         if path.is_dir() and not path.is_symlink():

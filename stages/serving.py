@@ -21,13 +21,13 @@ class TextClassifierModel(PythonModel):
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "text" not in model_input.columns:
             raise ValueError(f"input needs a column 'text'; got columns {list(model_input.columns)}")
-        from stages.ingest import blank
+        from stages.ingest import bad_rows, blank
 
-        missing = blank(model_input["text"]).to_numpy()
+        missing = blank(model_input["text"].reset_index(drop=True))
         if missing.any():  # a prediction for no text would look like an answer
-            rows = ", ".join(map(str, missing.nonzero()[0][:5].tolist()))
-            raise MlflowException(f"column 'text' is empty or null in row(s) {rows} (0-based) of "
-                                  f"{len(missing)}; send text in every row", error_code=INVALID_PARAMETER_VALUE)
+            rows = bad_rows(missing, ("row(s) (0-based)", [str(i) for i in range(len(missing))]))
+            raise MlflowException(f"column 'text' is empty or null in {rows} of {len(missing)}; send text in every "
+                                  "row", error_code=INVALID_PARAMETER_VALUE)
         texts = model_input["text"].astype(str).tolist()
         proba = self.classifier.predict_proba(texts)
         labels = self.classifier.labels

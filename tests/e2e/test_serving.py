@@ -32,7 +32,7 @@ def test_mlflow_serves_the_champion(pipeline_project: Path) -> None:
         empty = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["text"],
                                                                              "data": [["a fine film"], ["  "]]}},
                               timeout=60)
-        assert empty.status_code == 400 and "column 'text' is empty or null in row(s) 1 (0-based)" in empty.text
+        assert empty.status_code == 400 and "column 'text' is empty or null in row(s) (0-based) 1 of 2" in empty.text
         none = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["text"], "data": []}},
                              timeout=60)
         assert none.status_code == 200 and none.json()["predictions"] == []

@@ -6,14 +6,18 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import requests
 
 from stages.errors import PipelineError, RetryableError
+
+GUARD = Path(__file__).with_name("service_guard.py")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,7 +60,9 @@ def background_service(name: str, cmd: list[str], health_url: str, *, timeout_s:
     """Start `cmd`, wait until GET `health_url` answers 200, yield the process; the error carries the server's log
     and is a RetryableError when the server was only slow (still running at `timeout_s`) or found its port taken."""
     with tempfile.TemporaryFile(mode="w+") as log:
-        process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        guarded = [sys.executable, str(GUARD), str(os.getpid()), *cmd]  # gone with this process, even by SIGKILL
+        process = subprocess.Popen(guarded, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
 
         def fail(why: str, error: type[PipelineError] = PipelineError) -> PipelineError:
             log.seek(0)

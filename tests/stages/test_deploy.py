@@ -1,10 +1,12 @@
 """deploy: the real scoring server, a smoke test over HTTP, and the alias rollback when it fails."""
 
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import psutil
 import pytest
 import requests
 from mlflow import MlflowClient
@@ -13,7 +15,7 @@ from stages.deploy import smoke_test
 from stages.errors import RetryableError
 from stages.io import read_json
 from stages.service import background_service, free_port
-from tests.conftest import registry_client, run, set_param
+from tests.conftest import ROOT, registry_client, run, set_param
 
 
 def test_smoke_test_rejects_a_server_that_does_not_answer() -> None:
@@ -99,3 +101,28 @@ def test_a_server_that_finds_its_port_taken_is_retryable() -> None:
         with pytest.raises(RetryableError, match="exited with 1 before answering"), \
                 background_service("http.server", server, f"http://127.0.0.1:{port}/", timeout_s=60):
             pass
+
+
+SERVER_OWNER = """
+import sys, time
+from stages.service import background_service
+port = sys.argv[1]
+server = [sys.executable, "-m", "http.server", port, "--bind", "127.0.0.1"]
+with background_service("http.server", server, f"http://127.0.0.1:{port}/", timeout_s=60):
+    print("serving", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_server_goes_when_its_owner_is_killed() -> None:
+    """SIGKILL gives deploy no chance to stop the server it started: the guard around the server does."""
+    port = str(free_port())
+    owner = subprocess.Popen([sys.executable, "-c", SERVER_OWNER, port], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None and owner.stdout.readline().strip() == "serving"
+    servers = [p for p in psutil.process_iter(["cmdline"])
+               if (p.info["cmdline"] or [])[-3:] == [port, "--bind", "127.0.0.1"]]
+    assert len(servers) == 2  # the guard and the server itself
+    owner.kill()
+    owner.wait(timeout=10)
+    _, alive = psutil.wait_procs(servers, timeout=30)
+    assert not alive, "the server outlived the process that started it"

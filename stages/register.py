@@ -208,7 +208,7 @@ def champion_moved(client: MlflowClient, record: dict, version: ModelVersion) ->
     """Has a later version's gate taken `@champion` since `version`'s gate left it? Then `version`'s old decision
     is stale and it is gated again. An alias set by hand (an operator's rollback) is left as it is, and so is a
     version deploy rolled back."""
-    left = str(version.version) if record["decision"] == "promoted" else record["previous_champion"]
+    left = str(version.version) if record["decision"] == "promoted" else record.get("previous_champion")
     now = record["champion"]
     if now in {left, str(version.version)} or "deploy.rolled_back" in version.tags:
         return False

@@ -11,6 +11,7 @@ import json
 import re
 import tarfile
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -139,18 +140,30 @@ def blank(values: pd.Series) -> pd.Series:
     return values.isna() | (values.astype(str).str.strip() == "")
 
 
+def _csv_records(text: str, fmt: str) -> Iterator[tuple[int, list[str]]]:
+    """Each record of a CSV/TSV text that pandas reads as a row (the header first) and the line it starts on: lines
+    of nothing but spaces are skipped, a quoted field may span lines. csv.Error where Python's csv reader cannot
+    follow the file (a field past its size limit)."""
+    physical = io.StringIO(text, newline="").readlines()
+    delimiter = _dialect(fmt).get("delimiter", ",")
+    reader = csv.reader(physical, **_dialect(fmt))
+    start = 1
+    for record in reader:
+        if "".join(physical[start - 1:reader.line_num]).replace(delimiter, "x").strip():
+            yield start, record
+        start = reader.line_num + 1
+
+
 def _first_long_line(text: str, fmt: str) -> str:
     """Where the first record with more fields than the header starts: "line N", or "a row" where Python's csv
-    reader cannot follow the file (carriage-return line ends, a field past its size limit)."""
-    reader = csv.reader(io.StringIO(text, newline=""), **_dialect(fmt))
+    reader cannot follow the file."""
+    records = _csv_records(text, fmt)
     try:
-        width = len(next(reader))
-        start = reader.line_num + 1
-        for record in reader:
-            if len(record) > width:
+        _, header = next(records)
+        for start, record in records:
+            if len(record) > len(header):
                 return f"line {start}"
-            start = reader.line_num + 1
-    except csv.Error:
+    except (csv.Error, StopIteration):
         pass
     return "a row"
 
@@ -232,18 +245,8 @@ def row_places(source: Path, fmt: str, rows: int) -> tuple[str, list[str]] | Non
     if fmt == "jsonl":
         lines = [number for number, _ in json_lines(text)]
     else:
-        physical = io.StringIO(text, newline="").readlines()
-        delimiter = _dialect(fmt).get("delimiter", ",")
-        lines, start, header = [], 1, True
-        reader = csv.reader(physical, **_dialect(fmt))
         try:
-            for _ in reader:
-                raw = "".join(physical[start - 1:reader.line_num])
-                if raw.replace(delimiter, "x").strip():  # pandas skips lines of nothing but spaces
-                    if not header:
-                        lines.append(start)
-                    header = False
-                start = reader.line_num + 1
+            lines = [start for start, _ in _csv_records(text, fmt)][1:]  # after the header
         except csv.Error:
             return None
     return ("line(s)", [str(line) for line in lines]) if len(lines) == rows else None

@@ -1,8 +1,10 @@
 """deploy: the real scoring server, a smoke test over HTTP, and the alias rollback when it fails."""
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -14,7 +16,7 @@ from mlflow import MlflowClient
 from stages.deploy import smoke_test
 from stages.errors import RetryableError
 from stages.io import read_json
-from stages.service import background_service, free_port
+from stages.service import background_service, free_port, stop
 from tests.conftest import ROOT, registry_client, run, set_param
 
 
@@ -126,3 +128,27 @@ def test_a_server_goes_when_its_owner_is_killed() -> None:
     owner.wait(timeout=10)
     _, alive = psutil.wait_procs(servers, timeout=30)
     assert not alive, "the server outlived the process that started it"
+
+
+def test_a_second_interruption_while_stopping_kills_the_group_at_once() -> None:
+    """A stage that ignores SIGTERM, and a second Ctrl-C during the 20 s grace: nothing is left running."""
+    ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); " \
+                   "time.sleep(600)"
+    process = subprocess.Popen([sys.executable, "-c", ignores_term], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "up"
+
+    def second_ctrl_c(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, second_ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stop(process)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert process.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 15  # not the 20 s grace

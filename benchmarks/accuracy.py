@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from benchmarks import write_report
+from benchmarks import set_key, write_report
 from stages.config import Params, load_params
 from stages.data_efficiency import run_curve, summarize
 from stages.fine_tune import pinned_to_features
@@ -57,19 +57,14 @@ def parse_set(spec: str) -> tuple[str, Any]:
 def override(params: Params, key: str, value: Any) -> Params:
     """`params` with the dotted `key` set to `value`, validated like params.yaml itself. Only fine_tune's training
     knobs can vary: features are read once from disk, and budgets, seeds and strategy are this command's options."""
-    *parents, leaf = key.split(".")
+    parents = key.split(".")[:-1]
     if parents[:1] != ["fine_tune"] or key == "fine_tune.strategy":
         raise SystemExit(f"--grid/--set {key}: only fine_tune.* keys (not fine_tune.strategy: use --strategies) can vary")
     if parents[1:2] == ["blend"]:
         raise SystemExit(f"--grid/--set {key}: the draws here have no validation rows to choose a blend on, so they "
                          "never blend; measure fine_tune.blend with the pipeline (dvc exp run)")
     data = params.model_dump(mode="json")
-    section = data
-    for part in parents:
-        section = section.get(part) if isinstance(section, dict) else None
-    if not isinstance(section, dict) or leaf not in section:
-        raise SystemExit(f"--grid/--set: params.yaml has no key {key!r}")
-    section[leaf] = value
+    set_key(data, key, value)
     try:
         return Params.model_validate(data)
     except ValidationError as error:

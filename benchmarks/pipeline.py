@@ -7,7 +7,8 @@ Prefect database or registers the flow.
 Runs in a throw-away copy of the project (code, params, the fetched default data) with its own MLflow
 registry, so the project's own outputs, dvc.lock and registry are untouched.
 
-Run from the project root:  python -m benchmarks.pipeline [--out FILE.json]
+Run from the project root:  python -m benchmarks.pipeline [--set KEY=VALUE ...] [--out FILE.json]
+(--set changes the copy's params.yaml as `dvc exp run -S` would, e.g. --set fine_tune.finetune.epochs=3)
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import write_report
+import yaml
+
+from benchmarks import set_key, write_report
+from benchmarks.accuracy import parse_set
 from flows.stack import prefect_server
 from stages.config import load_params
 
@@ -43,6 +47,15 @@ def make_copy(root: Path, target: Path) -> None:
     (target / data).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(root / data, target / data)
     subprocess.run(["git", "init", "-q"], cwd=target, check=True)
+
+
+def set_params(params_file: Path, overrides: list[str]) -> None:
+    """Apply `--set a.b.c=value` overrides to a params file (as `dvc exp run -S` would), then validate it."""
+    params = yaml.safe_load(params_file.read_text())
+    for key, value in map(parse_set, overrides):
+        set_key(params, key, value)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    load_params(params_file)
 
 
 def bench_env(project: Path) -> dict[str, str]:
@@ -93,12 +106,15 @@ def timed_noop_flows(project: Path, n_stages: int, api: str | None = None) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml override for the copy, as `dvc exp run -S` takes it (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     root = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         project = Path(tmp)
         make_copy(root, project)
+        set_params(project / "params.yaml", args.set)
         cold, stages, _ = timed_repro(project)
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         noop, _, output = timed_repro(project)
@@ -111,7 +127,8 @@ def main() -> None:
               "noop_flow_seconds": statistics.median(flows), "noop_flow_on_server_seconds": statistics.median(flows_server),
               "noop_flow_runs_seconds": flows, "noop_flow_on_server_runs_seconds": flows_server,
               "noop_flow_ran_nothing": flow_skipped and flow_server_skipped,
-              "test": metrics["test"], "domains": metrics["domains"], "cpu_count": os.cpu_count()}
+              "test": metrics["test"], "domains": metrics["domains"], "cpu_count": os.cpu_count(),
+              "params_set": args.set}
     print(f"cold dvc repro: {result['cold_seconds']} s   peak memory (largest stage): {result['peak_rss_mib_largest_stage']} MiB")
     for name, seconds in stages.items():
         print(f"  {name:<18} {seconds:>7.1f} s")

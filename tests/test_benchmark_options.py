@@ -1,9 +1,15 @@
 """The option parsing of `benchmarks.accuracy --grid` and `--set`: what may vary, and clear errors for the rest."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from benchmarks.accuracy import override, parse_grid, parse_set
-from tests.conftest import REPO_PARAMS
+from benchmarks.pipeline import set_params
+from stages.config import load_params
+from stages.errors import PipelineError
+from tests.conftest import REPO_PARAMS, ROOT
 
 
 def test_grid_values_are_parsed_as_yaml() -> None:
@@ -40,3 +46,17 @@ def test_set_takes_one_yaml_value_and_rejects_a_bare_key() -> None:
     assert parse_set("fine_tune.finetune.learning_rate=1.0e-4") == ("fine_tune.finetune.learning_rate", 1.0e-4)
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         parse_set("fine_tune.self_training.epochs")
+
+
+def test_the_pipeline_benchmark_sets_params_in_its_copy(tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params_file)
+    set_params(params_file, ["fine_tune.finetune.epochs=3", "preprocess.n_per_class=64"])
+    params = load_params(params_file)
+    assert (params.fine_tune.finetune.epochs, params.preprocess.n_per_class) == (3, 64)
+    assert params.model_copy(update={"fine_tune": REPO_PARAMS.fine_tune, "preprocess": REPO_PARAMS.preprocess}) \
+        == REPO_PARAMS
+    with pytest.raises(SystemExit, match="no key 'fine_tune.finetune.epoch'"):
+        set_params(params_file, ["fine_tune.finetune.epoch=3"])
+    with pytest.raises(PipelineError, match="epochs"):
+        set_params(params_file, ["fine_tune.finetune.epochs=0"])

@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from stages.io import offline_env
+from stages.io import offline_env, write_json
 from stages.service import background_service, free_port
 
 POOL_CONCURRENCY_TAG = "gpu"
@@ -127,7 +127,7 @@ def worker_env(root: Path, api: str, mlflow_uri: str) -> dict[str, str]:
                          "PIPELINE_GIT_URL": str(root.resolve())}
 
 
-def run_stack(root: Path, state: Path, keep: bool) -> dict:
+def run_stack(root: Path, state: Path, keep: bool, out: Path | None = None) -> dict:
     deployment = read_deployment(root)
     with ExitStack() as stack:
         api = stack.enter_context(prefect_server(state / "prefect"))
@@ -142,6 +142,8 @@ def run_stack(root: Path, state: Path, keep: bool) -> dict:
             raise RuntimeError(f"flow run {run_id} ended {run['state_type']}; worker log:\n{log[-4000:]}")
         result = {"flow_run_id": run_id, "prefect_api": api, "mlflow_tracking_uri": mlflow_uri} | timings(run)
         print(yaml.safe_dump(result, sort_keys=False))
+        if out is not None:
+            write_json(result | {"cpu_count": os.cpu_count()}, out)
         if keep:
             print("servers stay up; Ctrl-C stops them")
             while True:
@@ -154,8 +156,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."), help="the project checkout (a git repository)")
     parser.add_argument("--state", type=Path, default=Path(".stack"), help="where the servers keep their data")
     parser.add_argument("--keep", action="store_true", help="leave the servers running after the run")
+    parser.add_argument("--out", type=Path, help="also write the run's figures to this JSON file")
     args = parser.parse_args()
-    run_stack(args.root.resolve(), args.state.resolve(), args.keep)
+    run_stack(args.root.resolve(), args.state.resolve(), args.keep, args.out)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ Row = tuple[str, float, float, str]  # name, ours, peer, peer description
 
 
 def load_splits(params: Params) -> tuple[pd.DataFrame, list[str]]:
-    splits, label_map = preprocess(ingest(params.data), params.preprocess)
+    splits, label_map, _ = preprocess(ingest(params.data), params.preprocess)
     return splits, sorted(label_map, key=label_map.get)
 
 

@@ -22,6 +22,7 @@ class Paths(_Section):
     raw: Path
     data_report: Path
     splits: Path
+    preprocess_report: Path
     label_map: Path
     features: Path
     model: Path

@@ -21,26 +21,31 @@ def text_key(texts: pd.Series) -> pd.Series:
     return texts.str.lower().str.split().str.join(" ")
 
 
-def clean(frame: pd.DataFrame, min_chars: int) -> pd.DataFrame:
-    """Drop short texts and repeats; of a text given both with and without a label, the labelled row stays."""
+def clean(frame: pd.DataFrame, min_chars: int) -> tuple[pd.DataFrame, dict]:
+    """Drop short texts and repeats; of a text given both with and without a label, the labelled row stays. Also
+    return what was dropped, for the preprocess report."""
     kept = frame[frame["text"].str.len() >= min_chars].reset_index(drop=True)
     order = kept["label"].isna().sort_values(kind="stable").index
     first = ~text_key(kept.loc[order, "text"]).duplicated().to_numpy()
+    dropped = {"shorter_than_min_chars": len(frame) - len(kept), "repeats": int((~first).sum())}
     log.info("preprocess: %d text(s) shorter than preprocess.min_chars and %d repeat(s) dropped",
-             len(frame) - len(kept), int((~first).sum()))
-    report_conflicts(kept)
-    return kept.loc[order[first]].sort_index().reset_index(drop=True)
+             dropped["shorter_than_min_chars"], dropped["repeats"])
+    return kept.loc[order[first]].sort_index().reset_index(drop=True), {
+        "rows_read": len(frame), "dropped": dropped, "repeats_with_different_labels": report_conflicts(kept)}
 
 
-def report_conflicts(frame: pd.DataFrame) -> None:
+def report_conflicts(frame: pd.DataFrame) -> dict:
     """Say which repeated texts carry different labels: only the first row's label is kept."""
     labels = frame.assign(key=text_key(frame["text"])).dropna(subset=["label"]).groupby("key")["label"]
     conflicting = labels.nunique()
     conflicting = conflicting[conflicting > 1]
-    if not conflicting.empty:
-        key = conflicting.index[0]
-        log.warning("preprocess: %d repeated text(s) carry different labels; each keeps its first row's label, "
-                    "e.g. %r labelled %s", len(conflicting), key[:80], sorted(labels.unique()[key]))
+    if conflicting.empty:
+        return {"texts": 0}
+    key = conflicting.index[0]
+    example = {"text": key[:200], "labels": sorted(map(str, labels.unique()[key]))}
+    log.warning("preprocess: %d repeated text(s) carry different labels; each keeps its first row's label, "
+                "e.g. %r labelled %s", len(conflicting), key[:80], example["labels"])
+    return {"texts": len(conflicting), "example": example}
 
 
 def label_map(labels: pd.Series) -> dict[str, int]:
@@ -132,14 +137,16 @@ def check_leakage(splits: pd.DataFrame) -> None:
                             f"e.g. {leaked.index[0][:80]!r}; deduplicate the source")
 
 
-def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Return every kept row with its split (train/val/test/heldout/unlabeled) and label id, plus the label map."""
-    cleaned = clean(frame, cfg.min_chars)
+def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame, dict[str, int], dict]:
+    """Return every kept row with its split (train/val/test/heldout/unlabeled) and label id, the label map, and a
+    report of what was dropped and how many rows each split holds per domain."""
+    cleaned, report = clean(frame, cfg.min_chars)
     no_label = cleaned["label"].isna()  # unlabelled rows of the source (data.empty_labels: unlabeled)
     in_domain, heldout = partition_domains(cleaned[~no_label], cfg.train_domains)
     if in_domain.empty:
         raise PipelineError("preprocess: no rows left after cleaning; check data.source and preprocess.min_chars")
     unlabeled = cleaned[no_label & cleaned["domain"].isin(pd.concat([in_domain["domain"], heldout["domain"]]))]
+    report["dropped"]["unlabelled_in_domains_without_labels"] = int(no_label.sum()) - len(unlabeled)
     if no_label.sum() > len(unlabeled):
         log.info("preprocess: %d unlabelled rows dropped: their domains have no labelled rows to train or score on",
                  int(no_label.sum()) - len(unlabeled))
@@ -150,16 +157,19 @@ def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame
     mapping = label_map(splits.loc[splits["split"] == "train", "label"])
     splits["label_id"] = splits["label"].map(mapping).fillna(-1).astype("int64")  # -1: unlabelled
     splits["label"] = splits["label"].astype("str")  # null stays null; the same Parquet schema with or without
-    return splits[["text", "label", "label_id", "domain", "split"]], mapping
+    report["rows"] = {name: {str(domain): int(n) for domain, n in part.groupby("domain").size().items()}
+                      for name, part in splits.groupby("split", sort=False)}
+    return splits[["text", "label", "label_id", "domain", "split"]], mapping, report
 
 
 def main() -> None:
     params = load_params()
-    remove_outputs(params.paths.splits, params.paths.label_map)
-    splits, mapping = preprocess(pd.read_parquet(params.paths.raw), params.preprocess)
+    remove_outputs(params.paths.splits, params.paths.label_map, params.paths.preprocess_report)
+    splits, mapping, report = preprocess(pd.read_parquet(params.paths.raw), params.preprocess)
     write_parquet(splits, params.paths.splits)
     write_json({"labels": list(mapping), "label_to_id": mapping}, params.paths.label_map)
-    log.info("preprocess: %s", splits.groupby(["split", "domain"]).size().to_dict())
+    write_json(report, params.paths.preprocess_report)
+    log.info("preprocess: rows per split and domain %s", report["rows"])
 
 
 if __name__ == "__main__":

@@ -277,7 +277,8 @@ def log_run(params: Params) -> None:
     mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params.model_dump(mode="json")).items()})
     mlflow.log_metrics({metric_key(k): float(v) for k, v in flatten("", read_json(paths.metrics)).items()})
     mlflow.log_metrics({f"train.{k}": float(v) for k, v in read_json(paths.training_metrics).items()})
-    for path in (paths.evaluation, paths.data_report, paths.label_map, paths.model / "model.json"):
+    for path in (paths.evaluation, paths.data_report, paths.preprocess_report, paths.label_map,
+                 paths.model / "model.json"):
         mlflow.log_artifact(str(path), artifact_path="reports")
     mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
 

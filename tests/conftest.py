@@ -98,7 +98,9 @@ def tiny_frame() -> pd.DataFrame:
 def tiny_splits(tiny_frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     from stages.preprocess import preprocess
 
-    return preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15))
+    splits, mapping, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25,
+                                                        val_size=0.15))
+    return splits, mapping
 
 
 @pytest.fixture(scope="session")

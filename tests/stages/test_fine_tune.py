@@ -116,7 +116,7 @@ def test_multiclass_labels(tiny_params: Params, tiny_frame: pd.DataFrame, tmp_pa
     from tests.conftest import repo_cfg
 
     frame = tiny_frame.assign(label=tiny_frame["domain"], domain="all")
-    splits, mapping = preprocess(frame, repo_cfg("preprocess", train_domains=None, test_size=0.25, val_size=0.15))
+    splits, mapping, _ = preprocess(frame, repo_cfg("preprocess", train_domains=None, test_size=0.25, val_size=0.15))
     features, _ = extract_features(splits["text"].tolist(), tiny_params.backbone, tiny_params.extract_features,
                                    tiny_params.fine_tune.strategy)
     labels = list(mapping)
@@ -166,7 +166,7 @@ def test_finetune_val_scores_come_from_the_saved_model(tiny_params: Params, tiny
 def few_shot_with_unlabeled(frame: pd.DataFrame, tiny_splits: tuple,
                             tiny_features: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
     """8 labelled movie rows per class, the other movie training rows kept as unlabelled text, and their features."""
-    splits, _ = preprocess(frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
+    splits, _, _ = preprocess(frame, repo_cfg("preprocess", train_domains=["movie"], test_size=0.25, val_size=0.15,
                                            n_per_class=8, keep_unlabeled=True))
     by_text = dict(zip(tiny_splits[0]["text"], tiny_features))  # the same texts, so the same features
     return splits, np.stack([by_text[t] for t in splits["text"]])

@@ -27,27 +27,27 @@ def test_no_text_in_two_splits(tiny_splits: tuple[pd.DataFrame, dict]) -> None:
 
 def test_seeded_split_is_repeatable(tiny_frame: pd.DataFrame) -> None:
     cfg = repo_cfg("preprocess", train_domains=["movie"], seed=3)
-    first, _ = preprocess(tiny_frame, cfg)
-    second, _ = preprocess(tiny_frame, cfg)
+    first, _, _ = preprocess(tiny_frame, cfg)
+    second, _, _ = preprocess(tiny_frame, cfg)
     pd.testing.assert_frame_equal(first, second)
 
 
 def test_duplicates_collapse_before_splitting(tiny_frame: pd.DataFrame) -> None:
     doubled = pd.concat([tiny_frame, tiny_frame.assign(text=tiny_frame["text"].str.upper())])
-    splits, _ = preprocess(doubled, repo_cfg("preprocess", train_domains=["movie"]))
+    splits, _, _ = preprocess(doubled, repo_cfg("preprocess", train_domains=["movie"]))
     assert len(splits) == len(tiny_frame)
 
 
 def test_few_shot_subsampling(tiny_frame: pd.DataFrame) -> None:
-    splits, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8))
+    splits, _, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8))
     assert splits[splits["split"] == "train"]["label"].value_counts().to_dict() == {"negative": 8, "positive": 8}
 
 
 def test_keep_unlabeled_keeps_the_rows_few_shot_left_out(tiny_frame: pd.DataFrame) -> None:
-    few, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8))
-    kept, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8,
+    few, _, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8))
+    kept, _, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"], n_per_class=8,
                                               keep_unlabeled=True))
-    every, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"]))
+    every, _, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"]))
     pd.testing.assert_frame_equal(kept[kept["split"] != UNLABELED].reset_index(drop=True), few)  # labelled: as before
     unlabeled, train = set(kept.loc[kept["split"] == UNLABELED, "text"]), set(kept.loc[kept["split"] == "train", "text"])
     assert unlabeled and not unlabeled & train
@@ -60,9 +60,9 @@ def test_unlabelled_source_rows_become_text_only_rows_of_their_domain(tiny_frame
     extra = pd.DataFrame({"text": ["an unlabelled movie line", "another one, no label", "held-out text, no label",
                                    "a domain with no labelled row", movie["text"].iloc[0]],  # labelled again: it stays
                           "label": None, "domain": ["movie", "movie", "nyt", "blogs", "movie"]})
-    splits, _ = preprocess(pd.concat([extra, tiny_frame], ignore_index=True),
+    splits, _, _ = preprocess(pd.concat([extra, tiny_frame], ignore_index=True),
                            repo_cfg("preprocess", train_domains=["movie"]))
-    plain, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"]))
+    plain, _, _ = preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["movie"]))
     unlabeled = splits[splits["split"] == UNLABELED]
     assert sorted(zip(unlabeled["domain"], unlabeled["text"])) == [
         ("movie", "an unlabelled movie line"), ("movie", "another one, no label"), ("nyt", "held-out text, no label")]
@@ -126,7 +126,13 @@ def test_a_class_too_small_for_every_split_is_named(tiny_frame: pd.DataFrame, ra
 def test_repeats_with_different_labels_are_reported(tiny_frame: pd.DataFrame, caplog: pytest.LogCaptureFixture) -> None:
     frame = pd.concat([tiny_frame, tiny_frame.head(4).assign(label="other")], ignore_index=True)
     with caplog.at_level("INFO", logger="stages"):
-        splits, _ = preprocess(frame, repo_cfg("preprocess", train_domains=None))
+        splits, _, report = preprocess(frame, repo_cfg("preprocess", train_domains=None))
     assert "0 text(s) shorter than preprocess.min_chars and 4 repeat(s) dropped" in caplog.text
     assert "4 repeated text(s) carry different labels; each keeps its first row's label" in caplog.text
     assert len(splits) == len(tiny_frame) and (splits["label"] != "other").all()
+    assert report["rows_read"] == len(frame)
+    assert report["dropped"] == {"shorter_than_min_chars": 0, "repeats": 4, "unlabelled_in_domains_without_labels": 0}
+    assert report["repeats_with_different_labels"]["texts"] == 4
+    assert "other" in report["repeats_with_different_labels"]["example"]["labels"]
+    counted = {(name, domain): n for name, per_domain in report["rows"].items() for domain, n in per_domain.items()}
+    assert counted == splits.groupby(["split", "domain"]).size().to_dict()

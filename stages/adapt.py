@@ -28,7 +28,7 @@ from stages.io import atomic_path, log, remove_outputs, run_main, write_json
 from stages.model import Head, classify, encoder_path, load_head, read_info
 from stages.plots import plt, save_figure
 from stages.preprocess import HELDOUT, UNLABELED, take_per_class
-from stages.registry import study_run
+from stages.registry import metric_key, study_run
 from stages.self_training import self_train
 
 POINTS_CSV, PER_DOMAIN_CSV, PLOT_PNG = "points.csv", "per_domain.csv", "adaptation.png"
@@ -114,6 +114,23 @@ def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
     return float((proba.argmax(axis=1) == y).mean())
 
 
+def check_domains(heldout: pd.DataFrame, labels_per_class: int, classes: dict[int, str]) -> None:
+    """Before any training: every held-out domain needs more than `labels_per_class` rows of each label it has; a
+    domain without some class is adapted and scored on the others, with a warning."""
+    counts = heldout.groupby("domain")["label"].value_counts().unstack(fill_value=0)
+    small = {str(name): {k: int(v) for k, v in row.items() if v} for name, row in counts.iterrows()
+             if row[row > 0].min() <= labels_per_class}
+    if small:
+        raise PipelineError(f"adapt: held-out domain(s) {sorted(small)} have too few rows per label ({small}), "
+                            f"not more than adapt.labels_per_class={labels_per_class}; lower it so rows are left to "
+                            "score on, or keep such domains out of the data")
+    for name, domain in heldout.groupby("domain"):
+        missing = sorted(classes[i] for i in set(classes) - set(domain["label_id"]))
+        if missing:
+            log.warning("adapt: held-out domain %r has no row of class(es) %s: adapted and scored on the others",
+                        name, missing)
+
+
 def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
     """One row per (domain, seed): unadapted, shots-only, adapted and baseline accuracy on the same unseen rows."""
     cfg = params.adapt
@@ -123,6 +140,8 @@ def run_adaptation(params: Params, splits: pd.DataFrame, predictions: pd.DataFra
                             "domain is held out")
     # adapt trains the encoder and head: the n-gram blend (fine_tune.blend) stays out of every column it compares
     candidate, baseline = probabilities(predictions, UNBLENDED), probabilities(predictions, "baseline")
+    train = splits[splits["split"] == "train"]
+    check_domains(heldout, cfg.labels_per_class, dict(zip(train["label_id"], train["label"])))
     points = []
     for name, domain in heldout.groupby("domain", sort=True):
         own_text = splits[(splits["split"] == UNLABELED) & (splits["domain"] == name)]
@@ -170,7 +189,9 @@ def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) ->
     width = 0.8 / len(bars)
     for i, (column, label) in enumerate(bars):
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, per_domain[column], width=width, label=label)
-    ax.set(xticks=x, xticklabels=per_domain["domain"], ylim=(0.4, 1.0), ylabel="accuracy on unseen target rows",
+    ax.scatter(x, per_domain["majority_accuracy"], marker="_", s=900, color="black", zorder=3,
+               label="majority class")
+    ax.set(xticks=x, xticklabels=per_domain["domain"], ylim=(0.0, 1.0), ylabel="accuracy on unseen target rows",
            title="Few-shot domain adaptation")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
     save_figure(fig, path)
@@ -180,9 +201,8 @@ def log_adaptation(params: Params, per_domain: pd.DataFrame, folder: Path) -> st
     lineage = {"splits": params.paths.splits, "model": params.paths.model}
     with study_run(params.register.experiment, "adapt", "domain-adaptation", lineage) as run:
         mlflow.log_params(params.adapt.model_dump(mode="json"))
-        for row in per_domain.itertuples():
-            mlflow.log_metrics({f"{row.domain}.{k}": float(getattr(row, k))
-                                for k in METRICS if k != "negative_transfer"})
+        for row in per_domain.to_dict(orient="records"):
+            mlflow.log_metrics({metric_key(f"{row['domain']}.{k}"): float(row[k]) for k in METRICS})
         mlflow.log_artifacts(str(folder), artifact_path="adaptation")
         return run.info.run_id
 
@@ -210,6 +230,10 @@ def main() -> None:
         run_id = log_adaptation(params, per_domain, folder)
     write_json(adaptation_metrics(per_domain), paths.adaptation_metrics)
     log.info("adapt (MLflow run %s):\n%s", run_id, per_domain.to_string(index=False))
+    for row in per_domain[per_domain["negative_transfer"]].itertuples():
+        log.warning("adapt: negative transfer on %r: adapted %.4f against %.4f unadapted (mean over %s)",
+                    row.domain, row.adapted_accuracy, row.unadapted_accuracy, "the seeds" if len(params.adapt.seeds) > 1
+                    else "one seed")
 
 
 if __name__ == "__main__":

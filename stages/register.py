@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -37,8 +36,10 @@ from stages.registry import (
     decide,
     dvc_hashes,
     git_commit,
+    metric_key,
     orchestration_tags,
     text_fingerprints,
+    use_experiment,
 )
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -58,11 +59,6 @@ def flatten(prefix: str, value: object) -> dict[str, object]:
     if isinstance(value, dict):
         return {k: v for key, sub in value.items() for k, v in flatten(f"{prefix}.{key}" if prefix else str(key), sub).items()}
     return {prefix: value}
-
-
-def metric_key(key: str) -> str:
-    """MLflow keys allow letters, digits and `_-. /:`; user domain names may hold anything."""
-    return re.sub(r"[^\w.\- /:]", "_", key)
 
 
 def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.models.model.ModelInfo:
@@ -307,7 +303,7 @@ def register(params: Params) -> dict:
         version, run_id = str(unfinished.version), unfinished.run_id
         client.set_tag(run_id, "register.finished_after_interruption", "true")
     else:
-        mlflow.set_experiment(cfg.experiment)
+        use_experiment(cfg.experiment)
         with mlflow.start_run(tags={MLFLOW_RUN_NAME: f"{params.fine_tune.strategy}"} | lineage(params)) as run:
             log_run(params)
             # Everything that can fail comes before the registry is touched.

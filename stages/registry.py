@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,9 +23,24 @@ from stages.config import RegisterConfig
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+def metric_key(key: str) -> str:
+    """MLflow keys allow letters, digits and `_-. /:`; user domain names may hold anything."""
+    return re.sub(r"[^\w.\- /:]", "_", key)
+
+
+def project_root() -> Path:
+    """The project: DVC_ROOT, which DVC sets for every stage it runs and, in a queued or temporary `dvc exp run`,
+    points at the project rather than the temporary copy the stage runs in; else the current directory."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def project_registry() -> str:
+    """The project's own registry: an sqlite file inside it (works offline)."""
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set; else an sqlite registry inside the project (works offline)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or project_registry()
 
 
 def configure_mlflow() -> MlflowClient:
@@ -32,6 +48,15 @@ def configure_mlflow() -> MlflowClient:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def use_experiment(name: str) -> None:
+    """mlflow.set_experiment; in the project's own registry, an experiment created here keeps its artifacts in the
+    project's mlruns/ (MLflow would put them below the current directory: a queued experiment's temporary copy)."""
+    if mlflow.get_tracking_uri() == project_registry() and mlflow.get_experiment_by_name(name) is None:
+        with suppress(MlflowException):  # created meanwhile by a concurrent run
+            mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns" / name).as_uri())
+    mlflow.set_experiment(name)
 
 
 LOCK_FILES = (Path("dvc.lock"), Path("studies/dvc.lock"))
@@ -84,7 +109,7 @@ def dvc_hashes(lock_file: Path, paths: dict[str, Path]) -> dict[str, str]:
 def study_run(experiment: str, stage: str, run_name: str, lineage: dict[str, Path]) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for a study stage, tagged like register's runs: git commit, DVC hashes of its inputs, Prefect."""
     configure_mlflow()
-    mlflow.set_experiment(experiment)
+    use_experiment(experiment)
     hashes = dvc_hashes(Path("dvc.lock"), lineage)
     tags = {MLFLOW_RUN_NAME: run_name, "git_commit": git_commit(), "pipeline.stage": stage,
             **{f"dvc.{k}": v for k, v in hashes.items()}, **orchestration_tags()}

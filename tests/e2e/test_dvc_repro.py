@@ -1,13 +1,14 @@
 """`dvc repro` end to end on the tiny data: all seven stages, no-op rerun, partial rerun, metrics, plots, exp run."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from stages.io import read_json
-from tests.conftest import copy_project, run
+from tests.conftest import MLFLOW_URI_VARS, copy_project, project_env, registry_client, run
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
@@ -60,3 +61,20 @@ def test_changing_a_fine_tune_param_reruns_only_downstream(pipeline_project: Pat
     expected_champion = after["version"] if after["decision"] == "promoted" else after["previous_champion"]
     assert after["champion"] == expected_champion
     run([*DVC, "exp", "show", "--json"], root)
+
+
+def test_a_temporary_experiment_registers_in_the_projects_registry(pipeline_project: Path, tmp_path: Path) -> None:
+    """`dvc exp run --temp` (as a queued one) runs the stages in a copy below .dvc/tmp/exps, which DVC deletes:
+    without MLFLOW_TRACKING_URI the run and the version still land in the project's registry."""
+    root = copy_project(pipeline_project, tmp_path / "copy")
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    before = {v.version for v in client.search_model_versions()}
+    env = {k: v for k, v in project_env(root).items() if k not in MLFLOW_URI_VARS}
+    result = subprocess.run([*DVC, "exp", "run", "--temp", "-S", "fine_tune.linear_probe.C=0.25"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    added = [v for v in client.search_model_versions() if v.version not in before]
+    assert len(added) == 1
+    artifacts = client.get_run(added[0].run_id).info.artifact_uri
+    assert Path(artifacts.removeprefix("file://")).is_relative_to(root / "mlruns"), artifacts
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -9,7 +9,9 @@ from stages.adapt import (
     PER_DOMAIN_CSV,
     PLOT_PNG,
     POINTS_CSV,
+    check_domains,
     draw_target,
+    log_adaptation,
     main,
     run_adaptation,
     summarize,
@@ -116,3 +118,31 @@ def test_stage_writes_report_metrics_and_an_mlflow_run(tiny_params: Params, trai
     assert run.data.tags["pipeline.stage"] == "adapt"
     assert run.data.metrics["tweets.adapted_accuracy"] == pytest.approx(metrics["tweets"]["adapted_accuracy"])
     assert Path(folder / PLOT_PNG).stat().st_size > 0
+
+
+def test_every_domain_too_small_is_named_before_any_training(tiny_splits: tuple) -> None:
+    heldout = tiny_splits[0][tiny_splits[0]["split"] == "heldout"]
+    with pytest.raises(PipelineError, match=r"domain\(s\) \['amazon', 'nyt', 'tweets'\] have too few rows per label "
+                                            r".*adapt\.labels_per_class=500"):
+        check_domains(heldout, 500, {0: "negative", 1: "positive"})
+
+
+def test_a_domain_without_some_class_is_named(tiny_splits: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    heldout = tiny_splits[0][tiny_splits[0]["split"] == "heldout"]
+    one_sided = heldout[(heldout["domain"] != "nyt") | (heldout["label"] == "positive")]
+    with caplog.at_level("WARNING", logger="stages"):
+        check_domains(one_sided, 2, {0: "negative", 1: "positive"})
+    assert "held-out domain 'nyt' has no row of class(es) ['negative']" in caplog.text
+    assert "'amazon'" not in caplog.text
+
+
+def test_any_domain_name_and_negative_transfer_reach_mlflow(tiny_params: Params, tmp_path: Path) -> None:
+    points = pd.DataFrame({"domain": ["Amazon \u2713 (r\u00e9views), & co"], "seed": [0], "unadapted_accuracy": [0.8],
+                           "shots_only_accuracy": [0.7], "adapted_accuracy": [0.7], "gain": [-0.1],
+                           "self_training_gain": [0.0], "baseline_accuracy": [0.6], "majority_accuracy": [0.5]})
+    folder = tmp_path / "adaptation"
+    folder.mkdir()
+    run_id = log_adaptation(tiny_params, summarize(points), folder)
+    metrics = registry_client(tracking_uri()).get_run(run_id).data.metrics
+    assert metrics["Amazon _ _r\u00e9views__ _ co.negative_transfer"] == 1.0
+    assert metrics["Amazon _ _r\u00e9views__ _ co.gain"] == pytest.approx(-0.1)

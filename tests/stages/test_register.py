@@ -10,7 +10,7 @@ import pytest
 from stages.io import read_json
 from stages.preprocess import text_key
 from stages.register import fingerprints
-from stages.registry import ChampionScore, decide, git_commit, text_fingerprints
+from stages.registry import ChampionScore, configure_mlflow, decide, git_commit, text_fingerprints, use_experiment
 from tests.conftest import registry_client, repo_cfg, run, set_param
 
 CANDIDATE = {"accuracy": 0.80, "macro_f1": 0.79}
@@ -293,3 +293,19 @@ def test_the_commit_is_dirty_only_for_changes_the_run_did_not_write(tmp_path: Pa
     assert git_commit() == head
     (tmp_path / "code.py").write_text("2")
     assert git_commit() == f"{head}-dirty"
+
+
+def test_the_projects_registry_is_the_one_dvc_names_even_from_a_temporary_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued or temporary `dvc exp run` runs the stage in a copy below .dvc/tmp/exps, with DVC_ROOT set to the
+    project: the registry, and the artifacts of an experiment created there, belong to the project."""
+    project, copy = tmp_path / "project", tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmp1"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    client = configure_mlflow()
+    use_experiment("studies")
+    assert (project / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()
+    location = client.get_experiment_by_name("studies").artifact_location
+    assert Path(location.removeprefix("file://")) == project / "mlruns" / "studies"

@@ -48,15 +48,23 @@ def _spec(stage: PipelineStage, name: str, upstream: list[str]) -> StageSpec:
     )
 
 
+def _dependencies_first(graph: nx.DiGraph, names: dict[PipelineStage, str]) -> list[PipelineStage]:
+    # Edges point from a stage to the stages it depends on.
+    return list(reversed(list(nx.lexicographical_topological_sort(graph, key=names.__getitem__))))
+
+
 def read_dag(root: Path, studies: bool = False) -> list[StageSpec]:
-    """Stages of `root`/dvc.yaml (and, with `studies`, of every other dvc.yaml, e.g. studies/dvc.yaml) in an
-    order where every stage follows the stages it depends on."""
+    """Stages of `root`/dvc.yaml in an order where every stage follows the stages it depends on; with `studies`,
+    then those of every other dvc.yaml (e.g. studies/dvc.yaml), so that a long or failing study never holds up
+    register and deploy."""
     with Repo(str(root)) as repo:
         top = Path(repo.root_dir)
-        # Edges point from a stage to the stages it depends on. `.dvc` files (data tracked with `dvc add`)
-        # are nodes too; they run nothing, so only dvc.yaml's stages become tasks.
+        # `.dvc` files (data tracked with `dvc add`) are nodes too; they run nothing, so only dvc.yaml's stages
+        # become tasks.
         full = repo.index.graph
         names = {s: address(s, top) for s in full if isinstance(s, PipelineStage)}
-        graph = full.subgraph([s for s, name in names.items() if studies or ":" not in name])
-        order = list(reversed(list(nx.lexicographical_topological_sort(graph, key=names.__getitem__))))
+        main = [s for s, name in names.items() if ":" not in name]
+        graph = full.subgraph(list(names) if studies else main)
+        order = _dependencies_first(full.subgraph(main), names)
+        order += [s for s in _dependencies_first(graph, names) if s not in order]
         return [_spec(stage, names[stage], [names[dep] for dep in graph.successors(stage)]) for stage in order]

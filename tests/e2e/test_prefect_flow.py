@@ -29,6 +29,9 @@ def test_dag_is_read_from_dvc_yaml() -> None:
     assert by_name["fine_tune"].upstream == ("extract_features", "preprocess")
     assert by_name["fine_tune"].tags == ("gpu",) and by_name["fine_tune"].retries == 0
     assert by_name["register"].retries > 0 and all(s.timeout_seconds for s in specs)
+    with_studies = [s.name for s in read_dag(ROOT, studies=True)]
+    assert with_studies[:len(STAGES)] == STAGES  # a study never holds up register and deploy
+    assert set(with_studies[len(STAGES):]) == {"studies/dvc.yaml:data_efficiency", "studies/dvc.yaml:adapt"}
 
 
 def _stale(root: Path) -> tuple[set[str], set[str]]:

@@ -1,8 +1,8 @@
 """A production-shaped stack on loopback: Prefect server, MLflow tracking server, the GPU work pool and a worker.
 
 `python -m flows.stack` starts a Prefect server and an `mlflow server` (sqlite + local artifact root) on free
-loopback ports, creates the work pool of prefect.yaml and the `gpu` concurrency limit, pushes this checkout's
-DVC outputs to the DVC remote, deploys the flow with its cron schedule, triggers one run and lets a worker in
+loopback ports, creates the work pool of prefect.yaml and the `gpu` and `registry` concurrency limits, pushes this
+checkout's DVC outputs to the DVC remote, deploys the flow with its cron schedule, triggers one run and lets a worker in
 the pool execute it from a fresh `git clone` of this repository plus `dvc pull`, exactly as on a GPU host.
 It prints the worker's pick-up latency and the run time; `--keep` leaves the servers up afterwards.
 """
@@ -26,7 +26,7 @@ import yaml
 from stages.io import offline_env, write_json
 from stages.service import background_service, free_port
 
-POOL_CONCURRENCY_TAG = "gpu"
+CONCURRENCY_TAGS = ("gpu", "registry")  # one GPU stage at a time; one register at a time against the registry
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -89,7 +89,8 @@ def cli(args: list[str], root: Path, env: dict[str, str], ok_if: str = "") -> st
 def prepare_pool(root: Path, env: dict[str, str], deployment: Deployment) -> None:
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
     cli([*prefect, "work-pool", "create", deployment.pool, "--type", "process"], root, env, ok_if="already exists")
-    cli([*prefect, "concurrency-limit", "create", POOL_CONCURRENCY_TAG, "1"], root, env)
+    for tag in CONCURRENCY_TAGS:
+        cli([*prefect, "concurrency-limit", "create", tag, "1"], root, env)
     cli([*prefect, "deploy", "--all"], root, env)
 
 

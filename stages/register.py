@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import tempfile
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import requests
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -19,7 +21,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from safetensors.numpy import load_file, save_file
 
-from stages.config import Params, load_params
+from stages.config import PARAMS_FILE, Params, load_params
 from stages.errors import PipelineError, RetryableError
 from stages.evaluate import probabilities
 from stages.io import log, read_json, remove_outputs, run_main, write_json
@@ -120,14 +122,31 @@ def check_same_labels(champion: mlflow.pyfunc.PyFuncModel, name: str, version: s
             f"(MlflowClient().delete_registered_model_alias({name!r}, {CHAMPION!r})) to let it replace that task")
 
 
+def download_champion(name: str, version: str, folder: Path) -> Path:
+    """The champion's files. A registry or artifact store that does not answer (down, HTTP 5xx) says nothing about
+    the champion: that is worth a retry, not an error telling the operator to move the alias."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(folder)))
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise PipelineError(f"register: the champion {name}@{CHAMPION} points at version {version}, which the "
+                                f"registry does not hold: {error}") from error
+        raise RetryableError(f"register: could not download the champion {name}@{CHAMPION} (version {version}) "
+                             f"from the registry: {error}") from error
+    except (OSError, requests.RequestException) as error:
+        raise RetryableError(f"register: could not download the champion {name}@{CHAMPION} (version {version}) "
+                             f"from the registry: {error}") from error
+
+
 def champion_score(client: MlflowClient, name: str, version: str | None, test: pd.DataFrame,
                    candidate_correct: np.ndarray, labels: list[str], folder: Path) -> ChampionScore | None:
     """The current champion re-scored on this run's test rows that it never trained on, next to the candidate on
     the same rows, so the comparison is like for like even when the split changed since the champion's run."""
     if version is None:
         return None
+    files = download_champion(name, version, folder / "champion")
     try:
-        champion = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        champion = mlflow.pyfunc.load_model(str(files))
     except Exception as error:  # whatever broke the load, the user needs the version and the way out
         raise PipelineError(
             f"register: the champion {name}@{CHAMPION} (version {version}) does not load with this checkout's code "
@@ -222,7 +241,7 @@ def regate(client: MlflowClient, params: Params, version: ModelVersion, record: 
     log.warning("register: @champion of %s is version %s now, not the one version %s was gated against; gating "
                 "it again", name, current, version.version)
     decision, champion = gate(client, params, current, pd.read_parquet(params.paths.splits), log_texts=False)
-    apply_decision(client, name, str(version.version), decision, current)
+    apply_decision(client, name, str(version.version), decision, current, take_challenger=False)
     client.set_tag(version.run_id, "gate.decision", "promoted" if decision.promote else "rejected")
     record = record | gate_record(decision, champion, current) | {"regated_against": current}
     client.set_model_version_tag(name, str(version.version), RECORD_TAG,
@@ -247,6 +266,39 @@ def champion_before(client: MlflowClient, name: str, unfinished: ModelVersion | 
         recorded = unfinished.tags.get("gate.previous_champion", "none")
         return None if recorded == "none" else recorded
     return current
+
+
+def drop_if_registered_concurrently(client: MlflowClient, name: str, key: str, version: str) -> None:
+    """Two runs registering the same model at the same moment (two clones, a retry beside the first try) both find
+    no version for its key and both create one: the lower version number is kept, the other run deletes its own."""
+    first = min((int(v.version) for v in client.search_model_versions(
+        f"name = '{name}' and tags.`{PENDING_TAG}` = '{key}'")), default=int(version))
+    if first < int(version):
+        client.delete_model_version(name, version)
+        raise RetryableError(f"register: another run registered this model, split and gate as version {first} of "
+                             f"{name} at the same moment; this run's copy (version {version}) is deleted, and a "
+                             f"retry reuses or finishes version {first}")
+
+
+GATE_SETTLES = 5  # gates in a row against a champion that moved meanwhile, before the run gives up (retryable)
+
+
+def settled(client: MlflowClient, params: Params, splits: pd.DataFrame, version: str,
+            gated: tuple[Decision, ChampionScore | None, str | None]) -> tuple[Decision, ChampionScore | None, str | None]:
+    """The gate's decision, score and champion, once `@champion` holds still: when another run moved it while this
+    one gated (two registers against one registry), this version is gated again against the version holding it."""
+    decision, champion, previous = gated
+    name = params.register.model_name
+    for _ in range(GATE_SETTLES):
+        current = alias_version(client, name, CHAMPION)
+        if current in {previous, version}:
+            return decision, champion, previous
+        log.warning("register: @champion of %s moved from %s to %s while version %s was gated; gating it again",
+                    name, previous or "no version", current or "no version", version)
+        decision, champion = gate(client, params, current, splits, log_texts=False)
+        previous = current
+    raise RetryableError(f"register: @champion of {name} moved {GATE_SETTLES} times while version {version} was "
+                         "gated; a retry gates it again")
 
 
 def gate(client: MlflowClient, params: Params, previous: str | None, splits: pd.DataFrame,
@@ -277,6 +329,17 @@ def log_run(params: Params) -> None:
                  paths.model / "model.json"):
         mlflow.log_artifact(str(path), artifact_path="reports")
     mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
+    log_rebuild_files()
+
+
+def log_rebuild_files() -> None:
+    """What rebuilds this version from its git commit: this run's params.yaml and dvc.lock (a worker's are thrown
+    away with its clone) and, when the checkout has changes git does not hold, `git diff HEAD`."""
+    for path in (PARAMS_FILE, Path("dvc.lock")):
+        mlflow.log_artifact(str(path), artifact_path="lineage")
+    diff = subprocess.run(["git", "diff", "HEAD"], capture_output=True, text=True, check=False).stdout
+    if diff:
+        mlflow.log_text(diff, "lineage/git.diff")
 
 
 def register(params: Params) -> dict:
@@ -313,6 +376,8 @@ def register(params: Params) -> dict:
             tags = lineage(params) | {"run_id": run.info.run_id, PENDING_TAG: key}
             registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
             version, run_id = str(registered.version), run.info.run_id
+            drop_if_registered_concurrently(client, cfg.model_name, key, version)
+    decision, champion, previous = settled(client, params, splits, version, (decision, champion, previous))
     apply_decision(client, cfg.model_name, version, decision, previous)
     client.set_tag(run_id, "gate.decision", "promoted" if decision.promote else "rejected")
     client.set_tag(run_id, "registered_version", version)

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from stages.config import RegisterConfig
+from stages.errors import RetryableError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -43,8 +45,26 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or project_registry()
 
 
+def check_answers(uri: str) -> None:
+    """A tracking server that does not answer fails at once and retryably (MLflow's client would retry for minutes,
+    then end in a traceback). Any answer below 500 counts: /health may sit behind authentication."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        status = requests.get(f"{uri.rstrip('/')}/health", timeout=10).status_code
+    except requests.RequestException as error:
+        why = f"{type(error).__name__}"
+    else:
+        if status < 500:
+            return
+        why = f"HTTP {status}"
+    raise RetryableError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer ({why}); start it, "
+                         "or point MLFLOW_TRACKING_URI at one that runs")
+
+
 def configure_mlflow() -> MlflowClient:
     uri = tracking_uri()
+    check_answers(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -198,8 +218,9 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def apply_decision(client: MlflowClient, name: str, version: str, decision: Decision,
-                   previous_champion: str | None) -> None:
-    """Aliases follow the decision; the version's tags keep why, so history is queryable in the registry."""
+                   previous_champion: str | None, take_challenger: bool = True) -> None:
+    """Aliases follow the decision (a rejected version becomes `@challenger` unless `take_challenger` is false: an
+    older version gated again); the version's tags keep why, so history is queryable in the registry."""
     client.set_model_version_tag(name, version, "gate.decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(name, version, "gate.reasons", "; ".join(decision.reasons)[:4900])
     client.set_model_version_tag(name, version, "gate.previous_champion", previous_champion or "none")
@@ -207,7 +228,7 @@ def apply_decision(client: MlflowClient, name: str, version: str, decision: Deci
         client.set_registered_model_alias(name, CHAMPION, version)
         if alias_version(client, name, CHALLENGER) is not None:
             client.delete_registered_model_alias(name, CHALLENGER)
-    else:
+    elif take_challenger:
         client.set_registered_model_alias(name, CHALLENGER, version)
 
 

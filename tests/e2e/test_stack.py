@@ -108,7 +108,7 @@ def test_worker_runs_the_scheduled_deployment_from_git_and_dvc(servers: tuple[st
     assert [s["schedule"]["cron"] for s in found["schedules"]] == ["0 3 * * *"]
     assert found["work_pool_name"] == "gpu-pool" and found["parameters"]["pull_first"] is True
     limits = requests.post(f"{api}/concurrency_limits/filter", json={}, timeout=30).json()
-    assert {(c["tag"], c["concurrency_limit"]) for c in limits} >= {("gpu", 1)}
+    assert {(c["tag"], c["concurrency_limit"]) for c in limits} >= {("gpu", 1), ("registry", 1)}
 
     name = read_json(root / "reports/registry.json")["model_name"]
     versions = len(registry_client(mlflow_uri).search_model_versions(f"name = '{name}'"))

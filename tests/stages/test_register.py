@@ -7,10 +7,20 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 import pytest
 
+from stages.errors import RetryableError
 from stages.io import read_json
 from stages.preprocess import text_key
 from stages.register import fingerprints
-from stages.registry import ChampionScore, configure_mlflow, decide, git_commit, text_fingerprints, use_experiment
+from stages.registry import (
+    ChampionScore,
+    alias_version,
+    configure_mlflow,
+    decide,
+    git_commit,
+    text_fingerprints,
+    use_experiment,
+)
+from stages.service import free_port
 from tests.conftest import registry_client, repo_cfg, run, set_param
 
 CANDIDATE = {"accuracy": 0.80, "macro_f1": 0.79}
@@ -105,6 +115,10 @@ def test_registry_aliases_follow_the_gate(registered: Path) -> None:
     training = read_json(root / "metrics/training.json")
     assert run_data.metrics["train.probe_val_accuracy"] == pytest.approx(training["probe_val_accuracy"])
     assert run_data.params["fine_tune.strategy"] == "linear_probe"
+    lineage = {a.path for a in client.list_artifacts(third["run_id"], "lineage")}
+    assert {"lineage/params.yaml", "lineage/dvc.lock", "lineage/git.diff"} <= lineage  # set_param changed params.yaml
+    logged = Path(client.download_artifacts(third["run_id"], "lineage/params.yaml", str(root / "download")))
+    assert logged.read_text() == (root / "params.yaml").read_text()
 
 
 def test_the_same_registration_is_not_registered_twice(registered: Path) -> None:
@@ -141,7 +155,7 @@ def test_a_reused_version_is_gated_again_when_the_champion_moved_since(registere
     assert {k: regated[k] for k in ("version", "decision", "previous_champion", "regated_against", "champion")} == {
         "version": "1", "decision": "rejected", "previous_champion": "2", "regated_against": "2", "champion": "2"}
     assert any("gain over champion +0.0000" in reason for reason in regated["reasons"])
-    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
+    assert alias_version(client, name, "challenger") is None  # an old version gated again is no new challenger
     run([sys.executable, "-m", "stages.register"], root)  # nothing moved since: the record as the last gate wrote it
     again = read_json(root / "reports/registry.json")
     assert again == {k: v for k, v in regated.items() if k != "regated_against"}
@@ -161,6 +175,61 @@ def test_a_reused_version_is_gated_again_when_the_champion_moved_since(registere
     assert (kept["version"], kept["decision"], kept["champion"], "regated_against" in kept) == ("3", "promoted", "2",
                                                                                                 False)
     assert len(client.search_model_versions(f"name = '{name}'")) == 3
+
+
+RACED_REGISTER = """
+import sys
+import mlflow
+import stages.register as register
+race = sys.argv[1]
+gate, register_model = register.gate, mlflow.register_model
+def gate_while_another_run_promotes(client, params, *args, **kwargs):
+    result = gate(client, params, *args, **kwargs)
+    if not getattr(gate_while_another_run_promotes, "done", False):
+        gate_while_another_run_promotes.done = True
+        client.set_registered_model_alias(params.register.model_name, "champion", "2")
+    return result
+def register_beside_another_run(model_uri, name, tags):
+    register_model(model_uri, name, tags=tags)  # the other run's copy, a moment earlier
+    return register_model(model_uri, name, tags=tags)
+if race == "champion_moves":
+    register.gate = gate_while_another_run_promotes
+else:
+    register.mlflow.register_model = register_beside_another_run
+register.run_main(register.main)
+"""
+
+
+def test_a_champion_moved_by_another_run_while_gating_is_gated_against(registered: Path) -> None:
+    """Two registers against one registry: the other run promotes version 2 while this one gates against version 1.
+    This run gates again against version 2 before it moves any alias, and records that."""
+    root = registered
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    name = read_json(root / "reports/registry.json")["model_name"]
+    set_param(root, "register", "min_gain_over_champion", 0.5)
+    run([sys.executable, "-m", "stages.register"], root)  # version 2, rejected: the version the other run promotes
+    set_param(root, "register", "min_gain_over_champion", 0.001)  # a new key; a tie with either champion: rejected
+    result = run([sys.executable, "-c", RACED_REGISTER, "champion_moves"], root)
+    record = read_json(root / "reports/registry.json")
+    assert "@champion of transfer-classifier moved from 1 to 2 while version 3 was gated" in result.stderr
+    assert (record["version"], record["decision"], record["previous_champion"], record["champion"]) == (
+        "3", "rejected", "2", "2")
+    assert client.get_model_version(name, "3").tags["gate.previous_champion"] == "2"
+
+
+def test_the_same_model_registered_by_two_runs_at_once_is_kept_once(registered: Path) -> None:
+    root = registered
+    client = registry_client(f"sqlite:///{root / 'mlflow.db'}")
+    name = read_json(root / "reports/registry.json")["model_name"]
+    set_param(root, "register", "min_gain_over_champion", -0.5)
+    raced = run([sys.executable, "-c", RACED_REGISTER, "same_model"], root, check=False)
+    assert raced.returncode == 1, raced.stderr[-2000:]  # retryable
+    assert "another run registered this model, split and gate as version 2" in raced.stderr
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
+    run([sys.executable, "-m", "stages.register"], root)  # the retry finishes version 2 (the other run's)
+    record = read_json(root / "reports/registry.json")
+    assert (record["version"], record["decision"], record["champion"]) == ("2", "promoted", "2")
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
 
 
 INTERRUPTED_REGISTER = """
@@ -309,3 +378,11 @@ def test_the_projects_registry_is_the_one_dvc_names_even_from_a_temporary_copy(
     assert (project / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()
     location = client.get_experiment_by_name("studies").artifact_location
     assert Path(location.removeprefix("file://")) == project / "mlruns" / "studies"
+
+
+def test_a_tracking_server_that_does_not_answer_fails_at_once_and_retryably(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RetryableError, match=r"tracking server http://127\.0\.0\.1:\d+ \(MLFLOW_TRACKING_URI\) does "
+                                             r"not answer \(ConnectionError\)"):
+        configure_mlflow()

@@ -200,7 +200,7 @@ def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) ->
 def log_adaptation(params: Params, per_domain: pd.DataFrame, folder: Path) -> str:
     lineage = {"splits": params.paths.splits, "model": params.paths.model}
     with study_run(params.register.experiment, "adapt", "domain-adaptation", lineage) as run:
-        mlflow.log_params(params.adapt.model_dump(mode="json"))
+        mlflow.log_params(params.adapt.model_dump(mode="json") | {"data.source": str(params.data.source)})
         for row in per_domain.to_dict(orient="records"):
             mlflow.log_metrics({metric_key(f"{row['domain']}.{k}"): float(row[k]) for k in METRICS})
         mlflow.log_artifacts(str(folder), artifact_path="adaptation")

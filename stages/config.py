@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.errors import PipelineError
 
@@ -176,9 +176,19 @@ class DeployConfig(_Section):
     smoke_texts: list[str] = Field(min_length=1)
 
 
+def _distinct(seeds: list[int]) -> list[int]:
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise ValueError(f"seeds {repeated} are repeated: a repeated seed is the same draw counted twice in the mean")
+    return seeds
+
+
+Seeds = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct)]
+
+
 class DataEfficiencyConfig(_Section):
     labels_per_class: list[int | None] = Field(min_length=1)
-    seeds: list[int] = Field(min_length=1)
+    seeds: Seeds
     strategy: Literal["linear_probe", "finetune"]
 
     @model_validator(mode="after")
@@ -191,7 +201,7 @@ class DataEfficiencyConfig(_Section):
 
 class AdaptConfig(_Section):
     labels_per_class: int = Field(ge=1, le=1000)
-    seeds: list[int] = Field(min_length=1)
+    seeds: Seeds
     steps: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0, lt=1.0)
     unlabeled_fraction: float = Field(ge=0.0, lt=1.0)

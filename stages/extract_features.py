@@ -21,7 +21,7 @@ from stages.hub import folder_fingerprint, hub_commit
 from stages.io import EMBEDDINGS_FILE, META_FILE, atomic_path, log, remove_outputs, run_main, write_json
 from stages.onnx_runtime import onnx_forward
 
-DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # what torch computes in, for the log
+DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # what torch computes in
 
 
 def resolve_runtime(cfg: ExtractConfig, device: torch.device, strategy: str) -> tuple[str, str]:
@@ -54,13 +54,13 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
                     precision=precision if runtime == "torch" else "fp32", forward=forward)
     seconds = time.perf_counter() - start
     # Only what determines the vectors goes in `meta` (it is hashed with them); timings are logged, not saved.
+    computed = DTYPE_NAMES[reduced] if runtime == "torch" else precision  # `auto` resolved: what the vectors are
     meta = {"backbone": backbone.name, "backbone_revision": hub_commit(backbone.name, model.name_or_path),
-            "max_length": backbone.max_length, "runtime": runtime, "precision": precision, "rows": len(texts),
+            "max_length": backbone.max_length, "runtime": runtime, "precision": computed, "rows": len(texts),
             "dim": int(vectors.shape[1])}
     fingerprint = folder_fingerprint(backbone.name)
     if fingerprint is not None:  # a local folder: fine_tune and the probe's model check it is still what it was
         meta["backbone_sha256"] = fingerprint
-    computed = DTYPE_NAMES[reduced] if runtime == "torch" else precision
     log.info("extract_features: %d x %d in %.1fs (%.0f texts/s, %s %s on %s, %d threads; precision: %s)", len(texts),
              meta["dim"], seconds, len(texts) / max(seconds, 1e-9), runtime, computed, device,
              torch.get_num_threads(), cfg.precision)

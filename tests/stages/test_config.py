@@ -56,3 +56,9 @@ def test_rows_held_back_as_unlabelled_text_need_self_training(tmp_path: Path) ->
         load_params(_params_with(tmp_path, "adapt", "unlabeled_fraction", 0.5))
     # the target's own unlabelled rows (data.empty_labels: unlabeled) are a pool without holding labelled rows back
     assert load_params(_params_with(tmp_path, "adapt", "self_training_steps", 10)).adapt.self_training_steps == 10
+
+
+@pytest.mark.parametrize("section", ["data_efficiency", "adapt"])
+def test_a_repeated_seed_is_refused(tmp_path: Path, section: str) -> None:
+    with pytest.raises(PipelineError, match=rf"{section}\.seeds.*seeds \[0\] are repeated"):
+        load_params(_params_with(tmp_path, section, "seeds", [0, 0, 1]))

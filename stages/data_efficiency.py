@@ -125,7 +125,7 @@ def log_curve(params: Params, curve: pd.DataFrame, folder: Path) -> str:
         mlflow.log_params({"strategy": cfg.strategy, "labels_per_class": str(cfg.labels_per_class),
                            "seeds": str(cfg.seeds), "backbone": params.backbone.name,
                            "data.source": str(params.data.source), "preprocess.n_per_class": params.preprocess.n_per_class,
-                           "features.runtime": features["runtime"], "features.precision": features["precision"],
+                           "features.runtime": features.get("runtime"), "features.precision": features.get("precision"),
                            "self_training_rounds": params.fine_tune.self_training.rounds,
                            "self_training_epochs": params.fine_tune.self_training.epochs,
                            "contrastive_pairs_per_row": params.fine_tune.contrastive.pairs_per_row})

@@ -73,9 +73,11 @@ def up_to_date(name: str, root: str) -> bool:
         return not repo.status(targets=[dvcfile_and_stage], with_deps=False)
 
 
-def reproduce(name: str, root: str, timeout_s: float | None = None) -> dict[str, str | bool]:
+def reproduce(name: str, root: str, timeout_s: float | None = None, pull: bool = False) -> dict[str, str | bool]:
     """`dvc repro --single-item <stage>` unless DVC says the stage is up to date; a changed stage may still be
-    restored from DVC's run cache instead of run.
+    restored from DVC's run cache instead of run. With `pull` (a worker's fresh clone), `--pull`: the outputs a
+    run-cache entry names come from the DVC remote too (`dvc pull --run-cache` fetches the entries, not them), so a
+    stage another worker ran on the same inputs is restored, not run again.
 
     On timeout, or when the flow run is interrupted or cancelled, the whole process group goes (dvc and the stage it
     started): it runs in a session of its own, which a terminal's Ctrl-C or a worker's signal never reaches.
@@ -84,9 +86,9 @@ def reproduce(name: str, root: str, timeout_s: float | None = None) -> dict[str,
     if up_to_date(name, root):
         logger.info("%s: up to date, skipped", name)
         return {"stage": name, "skipped": True}
-    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=root,
-                               env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", name, *(["--pull"] if pull else [])]
+    process = subprocess.Popen(command, cwd=root, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -162,7 +164,7 @@ def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False
             pull(root)
         for spec in read_dag(Path(root), studies):
             step = spec.name
-            results.append(stage_task(spec)(spec.name, root, spec.timeout_seconds))
+            results.append(stage_task(spec)(spec.name, root, spec.timeout_seconds, pull_first))
         step = "dvc-push"
         if push_after:
             push(root)

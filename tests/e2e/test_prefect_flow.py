@@ -16,9 +16,10 @@ import yaml
 from flows import stack
 from flows.dag import read_dag
 from flows.pipeline import stage_exit_code, up_to_date
-from tests.conftest import ROOT, copy_project, make_project, project_env, registry_client, run
+from tests.conftest import ROOT, copy_project, make_project, project_env, registry_client, run, set_param
 
 pytestmark = pytest.mark.e2e
+DVC = [sys.executable, "-m", "dvc"]
 STAGES = ["ingest", "preprocess", "extract_features", "fine_tune", "evaluate", "register", "deploy"]
 
 
@@ -192,3 +193,31 @@ def test_an_interrupted_flow_stops_the_stage_it_was_running(prefect_server: str,
         flow.kill()
     _, alive = psutil.wait_procs(stage_processes(), timeout=30)
     assert not alive, "the stage outlived the interrupted flow"
+
+
+def test_a_worker_restores_a_stage_another_worker_ran_from_the_remote_run_cache(prefect_server: str,
+                                                                               pipeline_project: Path,
+                                                                               tmp_path: Path) -> None:
+    """A worker's fresh clone whose committed dvc.lock predates a param change (the worker that ran it threw its
+    dvc.lock away with its clone): a stage that worker ran on the same inputs comes back from the DVC remote's run
+    cache (`dvc repro --pull`), instead of running again."""
+    remote = tmp_path / "remote"
+    earlier = copy_project(pipeline_project, tmp_path / "earlier")
+    worker = copy_project(pipeline_project, tmp_path / "worker")
+    for root in (earlier, worker):
+        run([*DVC, "remote", "add", "-f", "-d", "local", str(remote)], root)
+        set_param(root, "preprocess", "seed", 1)  # committed, with dvc.lock still of seed 0
+    run([*DVC, "push"], earlier)  # seed 0's outputs: what the committed dvc.lock names
+    run([*DVC, "repro", "extract_features"], earlier)
+    run([*DVC, "push", "--run-cache"], earlier)
+    for output in ("data/raw", "data/processed", "data/features", "models", ".dvc/cache"):  # not in a fresh clone
+        shutil.rmtree(worker / output, ignore_errors=True)
+    env = project_env(worker) | {"PREFECT_API_URL": prefect_server}
+    flow = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(worker), "--pull"], check=False,
+                          cwd=worker, env=env, capture_output=True, text=True, timeout=900)
+    assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-3000:]
+    log = flow.stdout + flow.stderr
+    # preprocess writes an uncached report, so DVC keeps no run-cache entry for it: it runs, and gives the same split
+    assert "Running stage 'preprocess'" in log
+    assert "Stage 'extract_features' is cached - skipping run" in log
+    assert "Running stage 'fine_tune'" in log  # never run on seed 1's split: nothing to restore

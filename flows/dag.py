@@ -20,6 +20,7 @@ class StageSpec:
     retries: int = 0
     retry_delay_seconds: float | tuple[float, ...] = 10.0  # a list: one delay per retry (backoff)
     timeout_seconds: float | None = None
+    run_cached: bool = True  # DVC keeps its runs in the run cache: no output is both uncached and a plain out
     extra: dict = field(default_factory=dict)
 
 
@@ -44,6 +45,7 @@ def _spec(stage: PipelineStage, name: str, upstream: list[str]) -> StageSpec:
         retries=int(options.pop("retries", 0)),
         retry_delay_seconds=_delays(options.pop("retry_delay_seconds", 10.0)),
         timeout_seconds=options.pop("timeout_seconds", None),
+        run_cached=all(out.use_cache or out.is_metric or out.is_plot for out in stage.outs),
         extra=options,
     )
 

@@ -164,7 +164,9 @@ def pipeline(root: str = ".", pull_first: bool = False, push_after: bool = False
             pull(root)
         for spec in read_dag(Path(root), studies):
             step = spec.name
-            results.append(stage_task(spec)(spec.name, root, spec.timeout_seconds, pull_first))
+            # --pull only where the run cache can restore the stage: on one with an uncached report (register,
+            # deploy), DVC would take the missing report for data to pull, and skip the stage
+            results.append(stage_task(spec)(spec.name, root, spec.timeout_seconds, pull_first and spec.run_cached))
         step = "dvc-push"
         if push_after:
             push(root)

@@ -30,6 +30,8 @@ def test_dag_is_read_from_dvc_yaml() -> None:
     assert by_name["fine_tune"].upstream == ("extract_features", "preprocess")
     assert by_name["fine_tune"].tags == ("gpu",) and by_name["fine_tune"].retries == 0
     assert by_name["register"].retries > 0 and all(s.timeout_seconds for s in specs)
+    # DVC's run cache keeps no run of a stage with an uncached report (and the flow never passes --pull to one)
+    assert [s.name for s in specs if s.run_cached] == ["extract_features", "fine_tune", "evaluate"]
     with_studies = [s.name for s in read_dag(ROOT, studies=True)]
     assert with_studies[:len(STAGES)] == STAGES  # a study never holds up register and deploy
     assert set(with_studies[len(STAGES):]) == {"studies/dvc.yaml:data_efficiency", "studies/dvc.yaml:adapt"}

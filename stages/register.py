@@ -389,8 +389,17 @@ def register(params: Params) -> dict:
     } | gate_record(decision, champion, previous) | (
         {"finished_after_interruption": True} if unfinished is not None else {})
     client.set_model_version_tag(cfg.model_name, version, RECORD_TAG, json.dumps(record))
+    client.update_model_version(cfg.model_name, version, description=describe(params, record))
     client.set_model_version_tag(cfg.model_name, version, KEY_TAG, key)  # last: the registration is complete
     return record | {"champion": alias_version(client, cfg.model_name, CHAMPION)}
+
+
+def describe(params: Params, record: dict) -> str:
+    """The version's description in the registry UI: what it is and what its gate decided."""
+    champion = f" against version {record['previous_champion']}" if record["previous_champion"] else ""
+    return (f"{params.fine_tune.strategy} on {params.backbone.name} backbone, data {params.data.source}: test accuracy "
+            f"{record['candidate_accuracy']:.4f} (no-transfer baseline {record['baseline_accuracy']:.4f}); "
+            f"{record['decision']}{champion} (tag register.record has every reason)")
 
 
 def main() -> None:

@@ -109,6 +109,9 @@ def test_registry_aliases_follow_the_gate(registered: Path) -> None:
     assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
     version = client.get_model_version(name, "3")
     assert version.tags["gate.previous_champion"] == "1"
+    assert version.description.startswith("linear_probe on default backbone, data ") and \
+        f"test accuracy {third['candidate_accuracy']:.4f}" in version.description and \
+        "promoted against version 1" in version.description
     assert len(version.tags["git_commit"]) >= 40 and version.tags["dvc.raw"] and version.tags["dvc.features"]
     run_data = client.get_run(third["run_id"]).data
     assert run_data.metrics["test.candidate_accuracy"] == pytest.approx(third["candidate_accuracy"], abs=1e-4)

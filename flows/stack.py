@@ -26,7 +26,7 @@ import yaml
 from stages.io import offline_env, write_json
 from stages.service import background_service, free_port
 
-CONCURRENCY_TAGS = ("gpu", "registry")  # one GPU stage at a time; one register at a time against the registry
+CONCURRENCY_TAGS = ("gpu", "registry")  # one GPU stage at a time; one register or deploy at a time
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 

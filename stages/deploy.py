@@ -68,7 +68,8 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
     except (PipelineError, requests.RequestException, KeyError, ValueError) as error:
         # a reused record's promotion is history: a failure here says nothing against that version
         promoted_now = (registry["decision"] == "promoted" and registry["version"] == champion
-                        and (not registry.get("reused") or "regated_against" in registry))
+                        and (not registry.get("reused") or "regated_against" in registry)
+                        and alias_version(client, name, CHAMPION) == champion)  # no other run moved it meanwhile
         if promoted_now:
             rollback(client, name, champion, registry.get("previous_champion"), str(error))
         return record | {"status": "rolled_back" if promoted_now else "failed", "error": str(error)[-2000:],

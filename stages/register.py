@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import requests
+import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -40,6 +41,7 @@ from stages.registry import (
     git_commit,
     metric_key,
     orchestration_tags,
+    pipeline_written,
     text_fingerprints,
     use_experiment,
 )
@@ -129,13 +131,15 @@ def download_champion(name: str, version: str, folder: Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(folder)))
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise PipelineError(f"register: the champion {name}@{CHAMPION} points at version {version}, which the "
-                                f"registry does not hold: {error}") from error
-        raise RetryableError(f"register: could not download the champion {name}@{CHAMPION} (version {version}) "
-                             f"from the registry: {error}") from error
+            raise PipelineError(f"register: the champion {name}@{CHAMPION} (version {version}) or its files cannot "
+                                f"be found ({error}); point the alias at a version that loads "
+                                f"(MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, <version>)) or "
+                                "delete the alias to let this candidate become the first champion") from error
+        transient: Exception = error
     except (OSError, requests.RequestException) as error:
-        raise RetryableError(f"register: could not download the champion {name}@{CHAMPION} (version {version}) "
-                             f"from the registry: {error}") from error
+        transient = error
+    raise RetryableError(f"register: could not download the champion {name}@{CHAMPION} (version {version}) "
+                         f"from the registry: {transient}") from transient
 
 
 def champion_score(client: MlflowClient, name: str, version: str | None, test: pd.DataFrame,
@@ -247,6 +251,7 @@ def regate(client: MlflowClient, params: Params, version: ModelVersion, record: 
     client.set_model_version_tag(name, str(version.version), RECORD_TAG,
                                  json.dumps({k: v for k, v in record.items()
                                              if k not in {"reused", "champion", "regated_against"}}))
+    client.update_model_version(name, str(version.version), description=describe(params, record))
     return record | {"champion": alias_version(client, name, CHAMPION)}
 
 
@@ -255,7 +260,7 @@ def unfinished_registration(client: MlflowClient, name: str, key: str) -> ModelV
     tagging its key): the retry finishes it instead of registering a second copy."""
     versions = [v for v in client.search_model_versions(f"name = '{name}' and tags.`{PENDING_TAG}` = '{key}'")
                 if KEY_TAG not in v.tags]
-    return max(versions, key=lambda v: int(v.version)) if versions else None
+    return min(versions, key=lambda v: int(v.version)) if versions else None  # the copy a concurrent run keeps
 
 
 def champion_before(client: MlflowClient, name: str, unfinished: ModelVersion | None) -> str | None:
@@ -275,6 +280,7 @@ def drop_if_registered_concurrently(client: MlflowClient, name: str, key: str, v
         f"name = '{name}' and tags.`{PENDING_TAG}` = '{key}'")), default=int(version))
     if first < int(version):
         client.delete_model_version(name, version)
+        client.set_tag(mlflow.active_run().info.run_id, "register.duplicate_of", str(first))  # the run ends FAILED
         raise RetryableError(f"register: another run registered this model, split and gate as version {first} of "
                              f"{name} at the same moment; this run's copy (version {version}) is deleted, and a "
                              f"retry reuses or finishes version {first}")
@@ -334,12 +340,26 @@ def log_run(params: Params) -> None:
 
 def log_rebuild_files() -> None:
     """What rebuilds this version from its git commit: this run's params.yaml and dvc.lock (a worker's are thrown
-    away with its clone) and, when the checkout has changes git does not hold, `git diff HEAD`."""
+    away with its clone) and, when `git_commit` is dirty, the changes behind it: `git diff --binary HEAD` of the
+    tracked files the run did not write itself, and the names of untracked files (not in the diff)."""
     for path in (PARAMS_FILE, Path("dvc.lock")):
         mlflow.log_artifact(str(path), artifact_path="lineage")
-    diff = subprocess.run(["git", "diff", "HEAD"], capture_output=True, text=True, check=False).stdout
-    if diff:
-        mlflow.log_text(diff, "lineage/git.diff")
+    if not git_commit().endswith("-dirty"):
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            excluded = [f":(exclude){path}" for path in sorted(pipeline_written())]
+            diff = subprocess.run(["git", "diff", "--binary", "HEAD", "--", ".", *excluded], capture_output=True,
+                                  check=False).stdout
+            untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], capture_output=True,
+                                       check=False).stdout
+        except (OSError, yaml.YAMLError) as error:
+            log.warning("register: git diff failed (%s); lineage/git.diff not logged", error)
+            return
+        for name, content in (("git.diff", diff), ("untracked.txt", untracked)):
+            if content:
+                (Path(folder) / name).write_bytes(content)
+                mlflow.log_artifact(str(Path(folder) / name), artifact_path="lineage")
 
 
 def register(params: Params) -> dict:

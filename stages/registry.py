@@ -17,7 +17,9 @@ import requests
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.rest_utils import http_request
 
 from stages.config import RegisterConfig
 from stages.errors import RetryableError
@@ -26,14 +28,17 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def metric_key(key: str) -> str:
-    """MLflow keys allow letters, digits and `_-. /:`; user domain names may hold anything."""
-    return re.sub(r"[^\w.\- /:]", "_", key)
+    """MLflow keys allow letters, digits and `_-. /:`, and no leading `/`, `//` or `..`; user domain names may hold
+    anything."""
+    key = re.sub(r"[^\w.\- /:]", "_", key)
+    return re.sub(r"/{2,}", "/", key.replace("..", "__")).lstrip("/") or "_"
 
 
 def project_root() -> Path:
     """The project: DVC_ROOT, which DVC sets for every stage it runs and, in a queued or temporary `dvc exp run`,
     points at the project rather than the temporary copy the stage runs in; else the current directory."""
-    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+    inside_dvc = os.environ.get("DVC_STAGE")  # set with DVC_ROOT for each stage: a DVC_ROOT inherited elsewhere is not
+    return Path((inside_dvc and os.environ.get("DVC_ROOT")) or ".").resolve()
 
 
 def project_registry() -> str:
@@ -50,10 +55,11 @@ def check_answers(uri: str) -> None:
     then end in a traceback). Any answer below 500 counts: /health may sit behind authentication."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        status = requests.get(f"{uri.rstrip('/')}/health", timeout=10).status_code
-    except requests.RequestException as error:
-        why = f"{type(error).__name__}"
+    try:  # through MLflow's own client: its credentials and TLS settings (MLFLOW_TRACKING_SERVER_CERT_PATH, ...)
+        status = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=10,
+                              raise_on_status=False).status_code
+    except (requests.RequestException, MlflowException) as error:
+        why = str(error)[:600]
     else:
         if status < 500:
             return

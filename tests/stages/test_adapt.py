@@ -137,12 +137,14 @@ def test_a_domain_without_some_class_is_named(tiny_splits: tuple, caplog: pytest
 
 
 def test_any_domain_name_and_negative_transfer_reach_mlflow(tiny_params: Params, tmp_path: Path) -> None:
-    points = pd.DataFrame({"domain": ["Amazon \u2713 (r\u00e9views), & co"], "seed": [0], "unadapted_accuracy": [0.8],
-                           "shots_only_accuracy": [0.7], "adapted_accuracy": [0.7], "gain": [-0.1],
-                           "self_training_gain": [0.0], "baseline_accuracy": [0.6], "majority_accuracy": [0.5]})
+    points = pd.DataFrame({"domain": ["Amazon \u2713 (r\u00e9views), & co", "/r/movies//old..new"], "seed": [0, 0],
+                           "unadapted_accuracy": [0.8, 0.8], "shots_only_accuracy": [0.7, 0.9],
+                           "adapted_accuracy": [0.7, 0.9], "gain": [-0.1, 0.1], "self_training_gain": [0.0, 0.0],
+                           "baseline_accuracy": [0.6, 0.6], "majority_accuracy": [0.5, 0.5]})
     folder = tmp_path / "adaptation"
     folder.mkdir()
     run_id = log_adaptation(tiny_params, summarize(points), folder)
     metrics = registry_client(tracking_uri()).get_run(run_id).data.metrics
     assert metrics["Amazon _ _r\u00e9views__ _ co.negative_transfer"] == 1.0
     assert metrics["Amazon _ _r\u00e9views__ _ co.gain"] == pytest.approx(-0.1)
+    assert metrics["r/movies/old__new.gain"] == pytest.approx(0.1)

@@ -17,6 +17,7 @@ from stages.registry import (
     configure_mlflow,
     decide,
     git_commit,
+    project_registry,
     text_fingerprints,
     use_experiment,
 )
@@ -122,6 +123,8 @@ def test_registry_aliases_follow_the_gate(registered: Path) -> None:
     assert {"lineage/params.yaml", "lineage/dvc.lock", "lineage/git.diff"} <= lineage  # set_param changed params.yaml
     logged = Path(client.download_artifacts(third["run_id"], "lineage/params.yaml", str(root / "download")))
     assert logged.read_text() == (root / "params.yaml").read_text()
+    diff = Path(client.download_artifacts(third["run_id"], "lineage/git.diff", str(root / "download"))).read_text()
+    assert "params.yaml" in diff and "dvc.lock" not in diff  # what the run wrote itself is in lineage/dvc.lock
 
 
 def test_the_same_registration_is_not_registered_twice(registered: Path) -> None:
@@ -376,16 +379,19 @@ def test_the_projects_registry_is_the_one_dvc_names_even_from_a_temporary_copy(
     monkeypatch.chdir(copy)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.setenv("DVC_STAGE", "register")
     client = configure_mlflow()
     use_experiment("studies")
     assert (project / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()
     location = client.get_experiment_by_name("studies").artifact_location
     assert Path(location.removeprefix("file://")) == project / "mlruns" / "studies"
+    monkeypatch.delenv("DVC_STAGE")  # a DVC_ROOT left in the environment outside a DVC stage is not followed
+    assert project_registry() == f"sqlite:///{copy / 'mlflow.db'}"
 
 
 def test_a_tracking_server_that_does_not_answer_fails_at_once_and_retryably(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(RetryableError, match=r"tracking server http://127\.0\.0\.1:\d+ \(MLFLOW_TRACKING_URI\) does "
-                                             r"not answer \(ConnectionError\)"):
+                                             r"not answer \(.*Failed to establish a new connection"):
         configure_mlflow()

@@ -13,7 +13,7 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         section = section.get(part) if isinstance(section, dict) else None
     if not isinstance(section, dict) or leaf not in section:
-        raise SystemExit(f"--grid/--set: params.yaml has no key {key!r}")
+        raise SystemExit(f"--set/--grid {key}: params.yaml has no key {key!r}")
     section[leaf] = value
 
 

@@ -182,8 +182,8 @@ def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) ->
     """Bars per domain; the self-training bar only when some draw pseudo-labelled a row (else it repeats shots-only)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     x = np.arange(len(per_domain))
-    bars = [("baseline_accuracy", "no-transfer baseline (source rows only)"), ("unadapted_accuracy", "transferred, unadapted"),
-            ("shots_only_accuracy", "+ few-shot adaptation")]
+    bars = [("baseline_accuracy", "no-transfer baseline (source rows only)"),
+            ("unadapted_accuracy", "transferred, unadapted"), ("shots_only_accuracy", "+ few-shot adaptation")]
     if self_trained:
         bars.append(("adapted_accuracy", "+ self-training on target text"))
     width = 0.8 / len(bars)

@@ -124,7 +124,8 @@ def log_curve(params: Params, curve: pd.DataFrame, folder: Path) -> str:
         features = read_json(params.paths.features / META_FILE)  # the probe's features: int8, bf16 or fp32
         mlflow.log_params({"strategy": cfg.strategy, "labels_per_class": str(cfg.labels_per_class),
                            "seeds": str(cfg.seeds), "backbone": params.backbone.name,
-                           "data.source": str(params.data.source), "preprocess.n_per_class": params.preprocess.n_per_class,
+                           "data.source": str(params.data.source),
+                           "preprocess.n_per_class": params.preprocess.n_per_class,
                            "features.runtime": features.get("runtime"), "features.precision": features.get("precision"),
                            "self_training_rounds": params.fine_tune.self_training.rounds,
                            "self_training_epochs": params.fine_tune.self_training.epochs,

@@ -146,10 +146,10 @@ def preprocess(frame: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame
     if in_domain.empty:
         raise PipelineError("preprocess: no rows left after cleaning; check data.source and preprocess.min_chars")
     unlabeled = cleaned[no_label & cleaned["domain"].isin(pd.concat([in_domain["domain"], heldout["domain"]]))]
-    report["dropped"]["unlabelled_in_domains_without_labels"] = int(no_label.sum()) - len(unlabeled)
-    if no_label.sum() > len(unlabeled):
+    dropped = report["dropped"]["unlabelled_in_domains_without_labels"] = int(no_label.sum()) - len(unlabeled)
+    if dropped:
         log.info("preprocess: %d unlabelled rows dropped: their domains have no labelled rows to train or score on",
-                 int(no_label.sum()) - len(unlabeled))
+                 dropped)
     splits = pd.concat([split(in_domain, cfg), unlabeled.assign(split=UNLABELED), heldout.assign(split=HELDOUT)],
                        ignore_index=True)
     check_labels(splits)

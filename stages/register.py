@@ -280,7 +280,7 @@ def drop_if_registered_concurrently(client: MlflowClient, name: str, key: str, v
         f"name = '{name}' and tags.`{PENDING_TAG}` = '{key}'")), default=int(version))
     if first < int(version):
         client.delete_model_version(name, version)
-        client.set_tag(mlflow.active_run().info.run_id, "register.duplicate_of", str(first))  # the run ends FAILED
+        client.set_tag(mlflow.active_run().info.run_id, "register.duplicate_of", str(first))  # ends FAILED
         raise RetryableError(f"register: another run registered this model, split and gate as version {first} of "
                              f"{name} at the same moment; this run's copy (version {version}) is deleted, and a "
                              f"retry reuses or finishes version {first}")
@@ -290,7 +290,8 @@ GATE_SETTLES = 5  # gates in a row against a champion that moved meanwhile, befo
 
 
 def settled(client: MlflowClient, params: Params, splits: pd.DataFrame, version: str,
-            gated: tuple[Decision, ChampionScore | None, str | None]) -> tuple[Decision, ChampionScore | None, str | None]:
+            gated: tuple[Decision, ChampionScore | None, str | None],
+            ) -> tuple[Decision, ChampionScore | None, str | None]:
     """The gate's decision, score and champion, once `@champion` holds still: when another run moved it while this
     one gated (two registers against one registry), this version is gated again against the version holding it."""
     decision, champion, previous = gated
@@ -325,7 +326,7 @@ def gate(client: MlflowClient, params: Params, previous: str | None, splits: pd.
     return decision, champion
 
 
-def log_run(params: Params) -> None:
+def log_run(params: Params, dirty: bool) -> None:
     """Params, metrics and reports of this run into the active MLflow run."""
     paths = params.paths
     mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params.model_dump(mode="json")).items()})
@@ -335,16 +336,16 @@ def log_run(params: Params) -> None:
                  paths.model / "model.json"):
         mlflow.log_artifact(str(path), artifact_path="reports")
     mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
-    log_rebuild_files()
+    log_rebuild_files(dirty)
 
 
-def log_rebuild_files() -> None:
+def log_rebuild_files(dirty: bool) -> None:
     """What rebuilds this version from its git commit: this run's params.yaml and dvc.lock (a worker's are thrown
-    away with its clone) and, when `git_commit` is dirty, the changes behind it: `git diff --binary HEAD` of the
-    tracked files the run did not write itself, and the names of untracked files (not in the diff)."""
+    away with its clone) and, when the run's `git_commit` is dirty, the changes behind it: `git diff --binary HEAD`
+    of the tracked files the run did not write itself, and the names of untracked files (not in the diff)."""
     for path in (PARAMS_FILE, Path("dvc.lock")):
         mlflow.log_artifact(str(path), artifact_path="lineage")
-    if not git_commit().endswith("-dirty"):
+    if not dirty:
         return
     with tempfile.TemporaryDirectory() as folder:
         try:
@@ -387,13 +388,14 @@ def register(params: Params) -> dict:
         client.set_tag(run_id, "register.finished_after_interruption", "true")
     else:
         use_experiment(cfg.experiment)
-        with mlflow.start_run(tags={MLFLOW_RUN_NAME: f"{params.fine_tune.strategy}"} | lineage(params)) as run:
-            log_run(params)
+        lineage_tags = lineage(params)
+        with mlflow.start_run(tags={MLFLOW_RUN_NAME: f"{params.fine_tune.strategy}"} | lineage_tags) as run:
+            log_run(params, dirty=lineage_tags["git_commit"].endswith("-dirty"))
             # Everything that can fail comes before the registry is touched.
             decision, champion = gate(client, params, previous, splits, log_texts=True)
             test_texts = splits.loc[splits["split"] == "test", "text"].head(3).tolist()
             info = log_model(paths.model, read_json(paths.label_map)["labels"], test_texts)
-            tags = lineage(params) | {"run_id": run.info.run_id, PENDING_TAG: key}
+            tags = lineage_tags | {"run_id": run.info.run_id, PENDING_TAG: key}
             registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
             version, run_id = str(registered.version), run.info.run_id
             drop_if_registered_concurrently(client, cfg.model_name, key, version)

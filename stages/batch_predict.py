@@ -10,9 +10,10 @@ import pandas as pd
 
 from stages.config import load_params
 from stages.errors import PipelineError
-from stages.ingest import bad_rows, blank, detect_format, read_table, row_places
+from stages.ingest import detect_format, read_table, row_places
 from stages.io import atomic_path, log, run_main
 from stages.registry import CHAMPION, configure_mlflow
+from stages.rows import bad_rows, blank
 
 
 def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source: Path, fmt: str) -> pd.DataFrame:

@@ -19,6 +19,7 @@ import pandas as pd
 from stages.config import DataConfig, load_params
 from stages.errors import PipelineError
 from stages.io import log, remove_outputs, run_main, write_json, write_parquet
+from stages.rows import bad_rows, blank
 
 # sha256 of additional_resources/hutto_ICWSM_2014.tar.gz inside vaderSentiment-3.3.2's sdist.
 VADER_INNER_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
@@ -135,11 +136,6 @@ def _dialect(fmt: str) -> dict:
     return {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
 
 
-def blank(values: pd.Series) -> pd.Series:
-    """Which values are null, empty or only spaces."""
-    return values.isna() | (values.astype(str).str.strip() == "")
-
-
 def _csv_records(text: str, fmt: str) -> Iterator[tuple[int, list[str]]]:
     """Each record of a CSV/TSV text that pandas reads as a row (the header first) and the line it starts on: lines
     of nothing but spaces are skipped, a quoted field may span lines. csv.Error where Python's csv reader cannot
@@ -250,15 +246,6 @@ def row_places(source: Path, fmt: str, rows: int) -> tuple[str, list[str]] | Non
         except csv.Error:
             return None
     return ("line(s)", [str(line) for line in lines]) if len(lines) == rows else None
-
-
-def bad_rows(mask: pd.Series, places: tuple[str, list[str]] | None) -> str:
-    """The rows `mask` flags, named by `row_places`, else as 0-based data rows (Parquet's, or a CSV's counted after
-    its header)."""
-    kind, names = places or ("row(s) (0-based, not counting a header)", [str(i) for i in range(len(mask))])
-    flagged = [names[i] for i in mask[mask].index[:5]]
-    more = f" and {int(mask.sum()) - len(flagged)} more" if mask.sum() > len(flagged) else ""
-    return f"{kind} {', '.join(flagged)}{more}"
 
 
 def select_columns(frame: pd.DataFrame, cfg: DataConfig, source: Path, fmt: str = "csv") -> pd.DataFrame:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import shutil
 import subprocess
 import tempfile
 from importlib.metadata import version as package_version
@@ -65,15 +67,46 @@ def flatten(prefix: str, value: object) -> dict[str, object]:
     return {prefix: value}
 
 
+def imported_stages(module: Path) -> set[str]:
+    """The names of the `stages` modules `module` imports, at its top or inside a function."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(module.read_text(), str(module))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            package, _, name = node.module.partition(".")
+            if package == "stages":
+                names |= {name.partition(".")[0]} if name else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("stages.")}
+    return names
+
+
+def shipped_modules() -> list[Path]:
+    """The modules of `stages` the served model imports, from `serving.py` on: what ships with each registered
+    version and what its registration key hashes, so a change to the pipeline's other code makes no new version."""
+    found: set[Path] = set()
+    todo = [SERVING_CODE]
+    while todo:
+        module = todo.pop()
+        if module not in found:
+            found.add(module)
+            todo += [SERVING_CODE.with_name(f"{name}.py") for name in imported_stages(module)]
+    return sorted(found | {SERVING_CODE.with_name("__init__.py")})
+
+
 def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.models.model.ModelInfo:
     artifacts = {"model": str(model_dir)}
     if not (model_dir / ENCODER_DIR).is_dir():  # a linear probe: ship the frozen backbone with it
         artifacts["encoder"] = encoder_path(model_dir)
     requirements = [f"{p}=={package_version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
-    return mlflow.pyfunc.log_model(
-        name="model", python_model=str(SERVING_CODE), artifacts=artifacts,
-        code_paths=[str(Path(__file__).parent)], signature=signature(labels),
-        input_example=pd.DataFrame({"text": example}), pip_requirements=requirements)
+    with tempfile.TemporaryDirectory() as folder:
+        package = Path(folder) / "stages"
+        package.mkdir()
+        for module in shipped_modules():
+            shutil.copy2(module, package / module.name)
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(SERVING_CODE), artifacts=artifacts, code_paths=[str(package)],
+            signature=signature(labels), input_example=pd.DataFrame({"text": example}),
+            pip_requirements=requirements)
 
 
 def fingerprints(texts: pd.Series) -> np.ndarray:
@@ -192,9 +225,8 @@ def registration_key(params: Params) -> str:
     on (the model, the code that ships with it, the split, predictions and evaluation) and the gate's params."""
     paths = params.paths
     data = [paths.model, paths.splits, paths.label_map, paths.predictions, paths.evaluation, paths.metrics]
-    code = Path(__file__).resolve().parent  # the whole folder ships with the model (log_model's code_paths)
     payload = {"data": file_digests(data, Path.cwd().resolve()),
-               "code": file_digests(sorted(code.glob("*.py")), code.parent),
+               "code": file_digests(shipped_modules(), SERVING_CODE.resolve().parent.parent),
                "register": params.register.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -21,7 +21,7 @@ class TextClassifierModel(PythonModel):
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "text" not in model_input.columns:
             raise ValueError(f"input needs a column 'text'; got columns {list(model_input.columns)}")
-        from stages.ingest import bad_rows, blank
+        from stages.rows import bad_rows, blank
 
         missing = blank(model_input["text"].reset_index(drop=True))
         if missing.any():  # a prediction for no text would look like an answer

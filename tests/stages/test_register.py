@@ -10,7 +10,7 @@ import pytest
 from stages.errors import RetryableError
 from stages.io import read_json
 from stages.preprocess import text_key
-from stages.register import fingerprints
+from stages.register import fingerprints, shipped_modules
 from stages.registry import (
     ChampionScore,
     alias_version,
@@ -69,6 +69,19 @@ def test_the_champion_is_compared_on_rows_it_never_trained_on() -> None:
            "champion never trained on)" in decision.reasons[-1]
     nothing_new = decide(CANDIDATE, 0.7, ChampionScore(None, None, 0, 1000), gate())
     assert not nothing_new.promote and "none of the 1000 test rows is new to the champion" in nothing_new.reasons[-1]
+
+
+def test_the_code_that_ships_with_the_model_is_what_serving_imports_and_imports_on_its_own(tmp_path: Path) -> None:
+    shipped = {module.name for module in shipped_modules()}
+    assert {"__init__.py", "serving.py", "model.py", "backbone.py", "ngram.py", "rows.py"} <= shipped
+    assert not shipped & {"register.py", "deploy.py", "fine_tune.py", "ingest.py", "config.py", "io.py"}
+    package = tmp_path / "stages"
+    package.mkdir()
+    for module in shipped_modules():
+        (package / module.name).write_bytes(module.read_bytes())
+    check = ("import stages, stages.model, stages.ngram, stages.rows; from stages.serving import TextClassifierModel; "
+             f"assert stages.__file__.startswith({str(tmp_path)!r}), stages.__file__")
+    subprocess.run([sys.executable, "-c", check], cwd=tmp_path, check=True, capture_output=True, text=True)
 
 
 def test_text_fingerprints_are_stable_and_distinct() -> None:
@@ -137,7 +150,12 @@ def test_the_same_registration_is_not_registered_twice(registered: Path) -> None
     assert again == first | {"reused": True}  # the record as it was written then, champion comparison included
     assert [str(v.version) for v in client.search_model_versions(f"name = '{first['model_name']}'")] == ["1"]
     assert client.get_model_version(first["model_name"], "1").tags["register.key"]
-    # the code under stages/ ships inside the model: changed code is a new registration
+    # code that does not ship with the model (the pipeline's other stages) makes no new version
+    deploy = root / "stages" / "deploy.py"
+    deploy.write_text(deploy.read_text() + "\n# changed\n")
+    run([sys.executable, "-m", "stages.register"], root)
+    assert read_json(root / "reports/registry.json") == first | {"reused": True}
+    # the code the served model imports ships inside it: changed, it is a new registration
     serving = root / "stages" / "serving.py"
     serving.write_text(serving.read_text() + "\n# changed\n")
     run([sys.executable, "-m", "stages.register"], root)

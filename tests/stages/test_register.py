@@ -6,6 +6,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import pytest
+import yaml
 
 from stages.errors import RetryableError
 from stages.io import read_json
@@ -22,7 +23,7 @@ from stages.registry import (
     use_experiment,
 )
 from stages.service import free_port
-from tests.conftest import registry_client, repo_cfg, run, set_param
+from tests.conftest import ROOT, registry_client, repo_cfg, run, set_param
 
 CANDIDATE = {"accuracy": 0.80, "macro_f1": 0.79}
 NO_THRESHOLDS = {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_gain_over_baseline": 0.0, "min_gain_over_champion": 0.0}
@@ -79,6 +80,8 @@ def test_the_code_that_ships_with_the_model_is_what_serving_imports_and_imports_
     package.mkdir()
     for module in shipped_modules():
         (package / module.name).write_bytes(module.read_bytes())
+    register_deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["register"]["deps"]
+    assert {f"stages/{name}" for name in shipped - {"__init__.py"}} <= set(register_deps)  # DVC reruns register
     check = ("import stages, stages.model, stages.ngram, stages.rows; from stages.serving import TextClassifierModel; "
              f"assert stages.__file__.startswith({str(tmp_path)!r}), stages.__file__")
     subprocess.run([sys.executable, "-c", check], cwd=tmp_path, check=True, capture_output=True, text=True)

@@ -65,13 +65,29 @@ def point(params: Params, strategy: str, rows: pd.DataFrame, test: pd.DataFrame,
     return out
 
 
+def warn_capped_budgets(budgets: list[int | None], sizes: pd.Series) -> None:
+    """Name the budgets that do not draw what they say: one at or above the largest class is every row (null), and
+    one above the smallest class takes all of that class's rows."""
+    largest, smallest = int(sizes.max()), int(sizes.min())
+    if every := sorted(b for b in budgets if b is not None and b >= largest):
+        log.warning("data_efficiency: labels_per_class %s: the largest class has %d training rows, so %s every "
+                    "training row, the same point as null (key \"all\")", every, largest,
+                    "this is" if len(every) == 1 else "each is")
+    if short := sorted(b for b in budgets if b is not None and smallest < b < largest):
+        small = ", ".join(f"{label!r} ({n})" for label, n in sizes.items() if n < short[-1])
+        log.warning("data_efficiency: labels_per_class %s: fewer training rows than that in class(es) %s, which "
+                    "give all their rows at those budgets", short, small)
+
+
 def run_curve(params: Params, splits: pd.DataFrame, features: np.ndarray, scored_split: str = "test") -> pd.DataFrame:
     """One row per (budget, seed) with both models' accuracy and macro-F1 on `scored_split` (benchmarks choose
     hyperparameters on "val", so the test split is never looked at while choosing)."""
     cfg = params.data_efficiency
     train, test = splits[splits["split"] == "train"], splits[splits["split"] == scored_split]
     unlabeled = splits.loc[in_domain_unlabeled(splits), "text"].tolist()  # self-training pools these too
-    largest = int(train["label"].value_counts().max())
+    sizes = train["label"].value_counts()
+    largest = int(sizes.max())
+    warn_capped_budgets(cfg.labels_per_class, sizes)
     budgets = sorted({largest if b is None else min(b, largest) for b in cfg.labels_per_class})
     points = []
     for budget in budgets:
@@ -79,7 +95,8 @@ def run_curve(params: Params, splits: pd.DataFrame, features: np.ndarray, scored
             pool = train.drop(rows.index)["text"].tolist() + unlabeled
             scores = point(params, cfg.strategy, rows, test, features, seed, pool)
             # `labels_per_class` is the budget: at most that many rows of each class (a smaller class gives all).
-            points.append({"labels_per_class": budget, "seed": seed, "train_rows": len(rows), **scores})
+            points.append({"labels_per_class": budget, "every_row": budget >= largest, "seed": seed,
+                           "train_rows": len(rows), **scores})
             log.info("data_efficiency: %s", points[-1])
     return pd.DataFrame(points)
 
@@ -92,13 +109,17 @@ def summarize(points: pd.DataFrame) -> pd.DataFrame:
     curve["baseline_accuracy_std"] = grouped["baseline_accuracy"].std(ddof=0)
     curve["gain"] = curve["transfer_accuracy"] - curve["baseline_accuracy"]
     curve["draws"] = grouped.size()
+    curve["every_row"] = grouped["every_row"].first()
     return curve.reset_index().round(4)
 
 
 def curve_metrics(curve: pd.DataFrame, strategy: str) -> dict:
+    """Per budget, keyed by labels per class, and "all" for every training row (so the key does not move with the
+    data: `dvc metrics diff` lines up runs on other data)."""
     return {"strategy": strategy, "budgets": {
-        str(int(row.labels_per_class)): {"transfer_accuracy": row.transfer_accuracy, "baseline_accuracy":
-                                         row.baseline_accuracy, "gain": row.gain, "draws": int(row.draws)}
+        "all" if row.every_row else str(int(row.labels_per_class)): {
+            "labels_per_class": int(row.labels_per_class), "transfer_accuracy": row.transfer_accuracy,
+            "baseline_accuracy": row.baseline_accuracy, "gain": row.gain, "draws": int(row.draws)}
         for row in curve.itertuples()}}
 
 

@@ -7,7 +7,16 @@ import yaml
 from safetensors.numpy import save_file
 
 from stages.config import Params, load_params
-from stages.data_efficiency import CURVE_CSV, CURVE_PNG, POINTS_CSV, draws, main, run_curve, summarize
+from stages.data_efficiency import (
+    CURVE_CSV,
+    CURVE_PNG,
+    POINTS_CSV,
+    draws,
+    main,
+    run_curve,
+    summarize,
+    warn_capped_budgets,
+)
 from stages.errors import PipelineError
 from stages.io import EMBEDDINGS_FILE, META_FILE, read_json, write_json
 from stages.registry import tracking_uri
@@ -56,6 +65,15 @@ def test_budgets_stay_apart_when_a_class_is_smaller_than_them(tiny_params: Param
     curve = summarize(run_curve(params, unbalanced, tiny_features))
     largest = int(_train(unbalanced)["label"].value_counts().max())
     assert curve["labels_per_class"].tolist() == [8, 12, largest] and (curve["draws"] == 1).all()
+    assert curve["every_row"].tolist() == [False, False, True]
+
+
+def test_budgets_that_do_not_draw_what_they_say_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    sizes = pd.Series({"positive": 30, "negative": 5})
+    with caplog.at_level("WARNING"):
+        warn_capped_budgets([4, 8, 40, None], sizes)
+    assert "labels_per_class [40]: the largest class has 30 training rows" in caplog.text
+    assert "labels_per_class [8]: fewer training rows than that in class(es) 'negative' (5)" in caplog.text
 
 
 def test_finetune_strategy_trains_the_backbone_per_draw(tiny_params: Params, tiny_splits: tuple,
@@ -99,7 +117,8 @@ def test_stage_writes_curve_plot_metrics_and_an_mlflow_run(tiny_params: Params, 
     assert {p.name for p in folder.iterdir()} == {CURVE_CSV, POINTS_CSV, CURVE_PNG}
     curve = pd.read_csv(folder / CURVE_CSV)
     metrics = read_json(tiny_params.paths.data_efficiency_metrics)
-    assert list(metrics["budgets"]) == [str(n) for n in curve["labels_per_class"]]
+    assert list(metrics["budgets"]) == [str(n) for n in curve["labels_per_class"][:-1]] + ["all"]
+    assert metrics["budgets"]["all"]["labels_per_class"] == curve["labels_per_class"].iloc[-1]
     client = registry_client(tracking_uri())
     run = client.search_runs([client.get_experiment_by_name(tiny_params.register.experiment).experiment_id])[0]
     assert run.data.tags["pipeline.stage"] == "data_efficiency"

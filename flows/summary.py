@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.config import load_params
+from stages.config import Paths, load_params
 
 
 def _read(path: Path) -> dict:
@@ -25,6 +25,35 @@ def metrics_table(metrics: dict) -> list[str]:
     return lines
 
 
+def curve_table(curve: dict) -> list[str]:
+    lines = [f"**Data efficiency** ({curve.get('strategy')}; test accuracy, mean over draws):", "",
+             "| labels per class | transfer | no-transfer baseline | gain | draws |", "|---|---|---|---|---|"]
+    for budget, m in curve.get("budgets", {}).items():
+        name = f"all ({m['labels_per_class']})" if budget == "all" and "labels_per_class" in m else budget
+        lines.append(f"| {name} | {m['transfer_accuracy']:.4f} | {m['baseline_accuracy']:.4f} | {m['gain']:+.4f} | "
+                     f"{m['draws']} |")
+    return lines
+
+
+def adaptation_table(domains: dict) -> list[str]:
+    lines = ["**Domain adaptation** (held-out rows never used to adapt; mean over draws):", "",
+             "| domain | unadapted | adapted | gain | baseline | negative transfer |", "|---|---|---|---|---|---|"]
+    for domain, m in domains.items():
+        lines.append(f"| {domain} | {m['unadapted_accuracy']:.4f} | {m['adapted_accuracy']:.4f} | {m['gain']:+.4f} | "
+                     f"{m['baseline_accuracy']:.4f} | {m['negative_transfer']} |")
+    return lines
+
+
+def studies_tables(root: Path, paths: Paths, stages: set[str]) -> list[str]:
+    """The study figures, when this run's DAG had the study stages (ran or up to date)."""
+    lines: list[str] = []
+    if "studies/dvc.yaml:data_efficiency" in stages and (curve := _read(root / paths.data_efficiency_metrics)):
+        lines += curve_table(curve) + [""]
+    if "studies/dvc.yaml:adapt" in stages and (domains := _read(root / paths.adaptation_metrics)):
+        lines += adaptation_table(domains) + [""]
+    return lines
+
+
 def summary_markdown(root: Path, results: list[dict]) -> str:
     params = load_params(root / "params.yaml")
     metrics = _read(root / params.paths.metrics)
@@ -38,8 +67,9 @@ def summary_markdown(root: Path, results: list[dict]) -> str:
                    f"**{registry['decision']}**; champion is now version {registry.get('champion')}."), ""]
         lines += [f"- {reason}" for reason in registry.get("reasons", [])] + [""]
     if deployment:
-        lines += [f"**Deploy:** {deployment.get('status')} (champion {deployment.get('champion')})"]
-    return "\n".join(lines)
+        lines += [f"**Deploy:** {deployment.get('status')} (champion {deployment.get('champion')})", ""]
+    lines += studies_tables(root, params.paths, {r["stage"] for r in results})
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def failure_markdown(stage: str, error: BaseException, results: list[dict]) -> str:

@@ -31,7 +31,7 @@ from stages.preprocess import HELDOUT, UNLABELED, take_per_class
 from stages.registry import metric_key, study_run
 from stages.self_training import self_train
 
-POINTS_CSV, PER_DOMAIN_CSV, PLOT_PNG = "points.csv", "per_domain.csv", "adaptation.png"
+POINTS_CSV, PER_DOMAIN_CSV, BARS_CSV, PLOT_PNG = "points.csv", "per_domain.csv", "bars.csv", "adaptation.png"
 METRICS = ("unadapted_accuracy", "shots_only_accuracy", "adapted_accuracy", "gain", "self_training_gain",
            "baseline_accuracy", "negative_transfer", "self_training_negative")
 
@@ -178,14 +178,24 @@ def summarize(points: pd.DataFrame) -> pd.DataFrame:
     return per_domain.reset_index().round(4)
 
 
-def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) -> None:
-    """Bars per domain; the self-training bar only when some draw pseudo-labelled a row (else it repeats shots-only)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    x = np.arange(len(per_domain))
+def bar_columns(self_trained: bool) -> list[tuple[str, str]]:
+    """The columns drawn as bars and their labels; the self-training bar only when some draw pseudo-labelled a row
+    (else it repeats shots-only)."""
     bars = [("baseline_accuracy", "no-transfer baseline (source rows only)"),
             ("unadapted_accuracy", "transferred, unadapted"), ("shots_only_accuracy", "+ few-shot adaptation")]
-    if self_trained:
-        bars.append(("adapted_accuracy", "+ self-training on target text"))
+    return bars + [("adapted_accuracy", "+ self-training on target text")] if self_trained else bars
+
+
+def bars_table(per_domain: pd.DataFrame, self_trained: bool) -> pd.DataFrame:
+    """The plot's bars, one row each, for `dvc plots` (which draws one value per category)."""
+    return pd.DataFrame([{"bar": f"{row['domain']}: {label}", "accuracy": row[column]}
+                         for row in per_domain.to_dict(orient="records") for column, label in bar_columns(self_trained)])
+
+
+def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    x = np.arange(len(per_domain))
+    bars = bar_columns(self_trained)
     width = 0.8 / len(bars)
     for i, (column, label) in enumerate(bars):
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, per_domain[column], width=width, label=label)
@@ -226,7 +236,9 @@ def main() -> None:
         folder.mkdir()
         points.round(4).to_csv(folder / POINTS_CSV, index=False)
         per_domain.to_csv(folder / PER_DOMAIN_CSV, index=False)
-        plot_adaptation(per_domain, folder / PLOT_PNG, bool(points["pseudo_labelled"].gt(0).any()))
+        self_trained = bool(points["pseudo_labelled"].gt(0).any())
+        bars_table(per_domain, self_trained).to_csv(folder / BARS_CSV, index=False)
+        plot_adaptation(per_domain, folder / PLOT_PNG, self_trained)
         run_id = log_adaptation(params, per_domain, folder)
     write_json(adaptation_metrics(per_domain), paths.adaptation_metrics)
     log.info("adapt (MLflow run %s):\n%s", run_id, per_domain.to_string(index=False))

@@ -6,6 +6,7 @@ import pytest
 
 from stages import adapt
 from stages.adapt import (
+    BARS_CSV,
     PER_DOMAIN_CSV,
     PLOT_PNG,
     POINTS_CSV,
@@ -109,7 +110,7 @@ def test_no_heldout_domain_is_a_clear_error(tiny_params: Params, trained: tuple)
 def test_stage_writes_report_metrics_and_an_mlflow_run(tiny_params: Params, trained: tuple) -> None:
     main()
     folder = tiny_params.paths.adaptation
-    assert {p.name for p in folder.iterdir()} == {POINTS_CSV, PER_DOMAIN_CSV, PLOT_PNG}
+    assert {p.name for p in folder.iterdir()} == {POINTS_CSV, PER_DOMAIN_CSV, BARS_CSV, PLOT_PNG}
     metrics = read_json(tiny_params.paths.adaptation_metrics)
     assert set(metrics) == {"amazon", "nyt", "tweets"}
     assert all(isinstance(m["negative_transfer"], bool) for m in metrics.values())
@@ -118,6 +119,10 @@ def test_stage_writes_report_metrics_and_an_mlflow_run(tiny_params: Params, trai
     assert run.data.tags["pipeline.stage"] == "adapt"
     assert run.data.metrics["tweets.adapted_accuracy"] == pytest.approx(metrics["tweets"]["adapted_accuracy"])
     assert Path(folder / PLOT_PNG).stat().st_size > 0
+    bars = pd.read_csv(folder / BARS_CSV).set_index("bar")["accuracy"]  # what `dvc plots` draws: every bar
+    assert len(bars) == 3 * 4  # baseline, unadapted, shots only, self-trained (tiny_params self-trains)
+    assert bars["nyt: transferred, unadapted"] == pytest.approx(metrics["nyt"]["unadapted_accuracy"], abs=1e-4)
+    assert bars["nyt: + few-shot adaptation"] == pytest.approx(metrics["nyt"]["shots_only_accuracy"], abs=1e-4)
 
 
 def test_every_domain_too_small_is_named_before_any_training(tiny_splits: tuple) -> None:

@@ -2,6 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# make bench writes here (git-ignored): a run on your machine never overwrites the reports the docs cite
+BENCH_OUT ?= reports/bench
 export PATH := $(abspath $(BIN)):$(PATH)
 # Offline and quiet unless the caller's environment says otherwise (HF_HUB_OFFLINE=0 make pipeline: hub backbones).
 export HF_HUB_OFFLINE ?= 1
@@ -42,13 +44,13 @@ stack: data  ## Prefect server + mlflow server + GPU pool + worker on loopback; 
 test: data  ## unit + end-to-end tests
 	$(BIN)/python -m pytest
 
-bench: pipeline  ## speed and accuracy vs the peers, side by side; then the cold and no-op pipeline
-	$(BIN)/python -m benchmarks.run --out reports/benchmarks.json
-	$(BIN)/python -m benchmarks.pipeline --out reports/pipeline_benchmark.json
-	$(BIN)/python -m benchmarks.accuracy --out reports/accuracy.json
-	$(BIN)/python -m benchmarks.setfit_peer --out reports/setfit_peer.json
-	$(BIN)/python -m benchmarks.adaptation_ceiling --seeds 0 1 2 --out reports/adaptation_ceiling.json
-	$(BIN)/python -m benchmarks.adaptation_variants --seeds 0 1 2 --runs 4 --out reports/adaptation_variants.json
+bench: pipeline  ## speed and accuracy vs the peers, side by side; then the cold and no-op pipeline (into $(BENCH_OUT))
+	$(BIN)/python -m benchmarks.run --out $(BENCH_OUT)/benchmarks.json
+	$(BIN)/python -m benchmarks.pipeline --out $(BENCH_OUT)/pipeline_benchmark.json
+	$(BIN)/python -m benchmarks.accuracy --out $(BENCH_OUT)/accuracy.json
+	$(BIN)/python -m benchmarks.setfit_peer --out $(BENCH_OUT)/setfit_peer.json
+	$(BIN)/python -m benchmarks.adaptation_ceiling --seeds 0 1 2 --out $(BENCH_OUT)/adaptation_ceiling.json
+	$(BIN)/python -m benchmarks.adaptation_variants --seeds 0 1 2 --runs 4 --out $(BENCH_OUT)/adaptation_variants.json
 
 clean:
 	rm -rf $(VENV)

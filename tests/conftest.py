@@ -22,8 +22,8 @@ from stages.io import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CSV = ROOT / "tests" / "data" / "tiny_sentiment.csv"  # 280 rows of the Hutto & Gilbert data (MIT)
-PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
-                 ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvc/config",
+                 ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore"]
 
 os.environ.update(offline_env(dict(os.environ)))
 # `dvc exp run` and the tests' own commits need a git identity; CI machines may have none configured.

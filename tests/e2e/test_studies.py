@@ -48,7 +48,11 @@ def test_curve_shows_in_dvc_metrics_and_plots(studied: tuple[Path, str]) -> None
     plots = json.loads(run([*DVC, "plots", "show", "--json"], root).stdout)
     assert "errors" not in plots, plots
     shown = json.dumps(plots["data"])
-    assert "baseline_accuracy" in shown and "adapted_accuracy" in shown
+    assert "baseline_accuracy" in shown and "transfer_accuracy" in shown
+    curve, = plots["data"]["data_efficiency"]
+    assert curve["content"]["encoding"]["x"]["scale"]["type"] == "log"  # budgets 16 to thousands, evenly spaced
+    bars = {row["bar"] for row in plots["data"]["adaptation"][0]["content"]["data"]["values"]}
+    assert {"nyt: no-transfer baseline (source rows only)", "nyt: transferred, unadapted"} <= bars
 
 
 def test_prefect_dag_adds_studies_only_when_asked(studied: tuple[Path, str]) -> None:

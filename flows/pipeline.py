@@ -186,7 +186,12 @@ def main() -> None:
     parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")
     parser.add_argument("--studies", action="store_true", help="also run studies/dvc.yaml (curve, adaptation)")
     args = parser.parse_args()
-    results = pipeline(root=args.root, pull_first=args.pull, push_after=args.push, studies=args.studies)
+    try:
+        results = pipeline(root=args.root, pull_first=args.pull, push_after=args.push, studies=args.studies)
+    except StageFailed as error:  # Prefect has logged the error with the stage's output: no third copy of it here
+        first = str(error).splitlines()[0]
+        print(f"transfer-pipeline: {first.removesuffix(':')}; its error is in the log above", file=sys.stderr)
+        sys.exit(error.returncode or 1)
     print(json.dumps(results, indent=2))
 
 

@@ -130,8 +130,9 @@ def test_a_user_error_is_not_retried(prefect_server: str, tmp_path: Path) -> Non
     """ingest has retries for I/O trouble; a missing column fails it the same way every time, so it runs once."""
     root = make_project(tmp_path / "bad-column", {"data": {"text_column": "review"}})
     result = _flow(root, prefect_server)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr[-3000:]  # the stage's own exit code: bad input, do not retry
     assert "column 'review' (from data.text_column) not found" in result.stdout + result.stderr
+    assert result.stderr.rstrip().endswith("stage ingest failed (exit 2); its error is in the log above")
     (flow_run,) = [r for r in _post(prefect_server, "flow_runs/filter", {}) if r["parameters"]["root"] == str(root)]
     (ingest,) = _post(prefect_server, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert ingest["name"] == "ingest" and ingest["run_count"] == 1 and ingest["state_type"] == "FAILED"

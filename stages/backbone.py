@@ -3,6 +3,7 @@ length bucketing)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,8 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from stages.errors import PipelineError
 from stages.hub import resolve_backbone
+
+log = logging.getLogger("stages")
 
 
 def select_device() -> torch.device:
@@ -121,6 +124,24 @@ def _tokenizer(name: str, path: str) -> PreTrainedTokenizerBase:
         raise PipelineError(f"backbone.name {name!r}: cannot load a tokenizer from {path} ({_why(error)})") from None
 
 
+def check_weights_loaded(name: str, path: str, model_type: str, loaded: dict[str, object]) -> None:
+    """Every weight the encoder uses came from the folder: one the files lack (a `module.` prefix from DDP, a
+    config with more layers than the weights) would be drawn at random, and differently at each load. The pooler
+    is not used (mean pooling), so a checkpoint without it loads."""
+    missing = sorted(k for k in loaded["missing_keys"] if "pooler" not in k.split("."))
+    if missing or loaded["mismatched_keys"]:
+        found = sorted(loaded["unexpected_keys"])
+        raise PipelineError(
+            f"backbone.name {name!r}: the weights in {path} do not fit its config.json ({model_type}): "
+            + (f"{len(missing)} weights are missing, e.g. {', '.join(missing[:3])}" if missing else "")
+            + (f"; {len(loaded['mismatched_keys'])} have another shape" if loaded["mismatched_keys"] else "")
+            + (f"; the files hold {len(found)} weights under other names, e.g. {', '.join(found[:3])}" if found
+               else "") + ". They would be random: save the model with save_pretrained, or fix config.json")
+    if loaded["unexpected_keys"]:
+        log.info("backbone.name %r: %d weights in %s are not part of %s and are not used (e.g. a pretraining head)",
+                 name, len(loaded["unexpected_keys"]), path, model_type)
+
+
 def load_encoder(name: str, device: torch.device,
                  revision: str | None = None) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The tokenizer and model of a backbone. Custom code a config names (`auto_map`) is never run: a model that
@@ -129,9 +150,14 @@ def load_encoder(name: str, device: torch.device,
     tokenizer = _tokenizer(name, path)
     try:
         with no_unpickling(name):
-            model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, SafetensorError) as error:
+            model, loaded = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
+                                                      output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise PipelineError(f"backbone.name {name!r}: cannot load a model from {path} ({_why(error)})") from None
+    check_weights_loaded(name, path, type(model).__name__, loaded)
+    if "auto_map" in model.config.to_dict():
+        log.warning("backbone.name %r: config.json's auto_map (custom code) is ignored; loaded as the built-in %s",
+                    name, type(model).__name__)
     vocabulary = getattr(model.config, "vocab_size", None)
     if vocabulary is not None and len(tokenizer) > vocabulary:
         raise PipelineError(f"backbone.name {name!r}: its tokenizer has {len(tokenizer)} tokens but the model only "

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from benchmarks.ort_fusions import kernel_seconds
 from stages.backbone import (
@@ -238,20 +238,48 @@ class EvilModel(BertModel):
 
 
 @pytest.mark.parametrize("model_type", ["evilbert", "bert"])
-def test_custom_code_a_backbone_config_names_is_never_run(saved_backbone: Path, tmp_path: Path,
-                                                          model_type: str) -> None:
+def test_custom_code_a_backbone_config_names_is_never_run(saved_backbone: Path, tmp_path: Path, model_type: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     folder = shutil.copytree(saved_backbone, tmp_path / "custom")
     (folder / "modeling_evil.py").write_text(REMOTE_CODE)
     config = json.loads((folder / "config.json").read_text())
     config |= {"model_type": model_type,
                "auto_map": {"AutoConfig": "modeling_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}}
     (folder / "config.json").write_text(json.dumps(config))
-    if model_type == "bert":  # a built-in type loads as that type, without the custom code
-        assert type(load_encoder(str(folder), torch.device("cpu"))[1]).__name__ == "BertModel"
+    if model_type == "bert":  # a built-in type loads as that type, without the custom code, and says so
+        with caplog.at_level("WARNING", logger="stages"):
+            assert type(load_encoder(str(folder), torch.device("cpu"))[1]).__name__ == "BertModel"
+        assert "auto_map (custom code) is ignored; loaded as the built-in BertModel" in caplog.text
     else:
         with pytest.raises(PipelineError, match=r"cannot load .* needs custom code \(config.json.s auto_map\), which is never run"):
             load_encoder(str(folder), torch.device("cpu"))
     assert not (folder / "RAN").exists()
+
+
+@pytest.mark.parametrize("change", ["ddp_prefix", "more_layers"])
+def test_weights_that_do_not_fit_the_config_are_refused_not_drawn_at_random(saved_backbone: Path, tmp_path: Path,
+                                                                           change: str) -> None:
+    folder = shutil.copytree(saved_backbone, tmp_path / change)
+    if change == "ddp_prefix":  # what a DistributedDataParallel training script saves
+        state = load_file(str(folder / "model.safetensors"))
+        save_file({f"module.{k}": v for k, v in state.items()}, str(folder / "model.safetensors"))
+        message = r"\d+ weights are missing, e\.g\. .*; the files hold \d+ weights under other names, e\.g\. module\."
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 8}))
+        message = r"weights are missing, e\.g\. encoder\.layer\.[67]\."
+    with pytest.raises(PipelineError, match=f"the weights in {folder} do not fit its config.json .*{message}"):
+        load_encoder(str(folder), torch.device("cpu"))
+
+
+def test_a_checkpoint_without_the_unused_pooler_loads(saved_backbone: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(saved_backbone, tmp_path / "no_pooler")
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, str(folder / "model.safetensors"))
+    texts = ["a fine film", "a dull one"]
+    ours = embed(texts, *load_encoder(str(folder), torch.device("cpu")), max_length=32, batch_size=2)
+    reference = embed(texts, *load_encoder(str(saved_backbone), torch.device("cpu")), max_length=32, batch_size=2)
+    assert np.allclose(ours, reference, atol=1e-6)
 
 
 def test_long_documents_are_truncated_not_rejected() -> None:

@@ -188,8 +188,9 @@ def bar_columns(self_trained: bool) -> list[tuple[str, str]]:
 
 def bars_table(per_domain: pd.DataFrame, self_trained: bool) -> pd.DataFrame:
     """The plot's bars, one row each, for `dvc plots` (which draws one value per category)."""
+    rows = per_domain.to_dict(orient="records")
     return pd.DataFrame([{"bar": f"{row['domain']}: {label}", "accuracy": row[column]}
-                         for row in per_domain.to_dict(orient="records") for column, label in bar_columns(self_trained)])
+                         for row in rows for column, label in bar_columns(self_trained)])
 
 
 def plot_adaptation(per_domain: pd.DataFrame, path: Path, self_trained: bool) -> None:

@@ -1,6 +1,7 @@
 """deploy: serve `@champion` with MLflow's scoring server on loopback, smoke-test it, roll back on failure.
 
-Only the model's own failures roll `@champion` back: a server that exits while loading it or answers wrongly. A
+Only the model's own failures roll `@champion` back: a server that exits while loading it or answers wrongly, when
+the model, loaded in deploy's own process, fails too. A server that fails while the model loads and answers here, a
 server still starting after `deploy.startup_timeout_s`, or a `deploy.port` already taken, leaves the aliases alone
 and exits 1, so the stage is retried (Prefect) or rerun (`dvc repro`) against the same champion."""
 
@@ -10,7 +11,9 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pandas as pd
 import requests
 
 from stages.config import DeployConfig, load_params
@@ -34,6 +37,25 @@ def smoke_test(url: str, texts: list[str]) -> dict:
     if response.status_code != 200:
         raise PipelineError(f"POST {url}/invocations answered {response.status_code}: {response.text[:500]}")
     predictions = response.json()["predictions"]
+    check_predictions(predictions, texts)
+    return {"latency_ms": round(latency_ms, 1), "predictions": predictions}
+
+
+def model_fault(model_uri: str, texts: list[str]) -> str | None:
+    """Why the model itself does not serve, found by loading it in this process and scoring `texts`; None when
+    it loads and answers, so a server that failed around it failed for another reason (its environment, memory,
+    the artifact store) and the alias stays."""
+    import mlflow
+
+    try:
+        predictions = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))
+        check_predictions(predictions.to_dict(orient="records"), texts)
+    except Exception as error:  # noqa: BLE001 - whatever stops the model is its fault, and is reported
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_predictions(predictions: list[dict], texts: list[str]) -> None:
     if len(predictions) != len(texts):
         raise PipelineError(f"sent {len(texts)} texts, got {len(predictions)} predictions")
     for row in predictions:
@@ -42,7 +64,6 @@ def smoke_test(url: str, texts: list[str]) -> dict:
         if len(labels) < 2 or row.get("label") not in labels or abs(total - 1.0) > 1e-3:
             raise PipelineError(f"invalid prediction {row}: needs a label among its prob_<label> columns, "
                                 "and probabilities summing to 1")
-    return {"latency_ms": round(latency_ms, 1), "predictions": predictions}
 
 
 def deploy(cfg: DeployConfig, registry: dict) -> dict:
@@ -58,7 +79,9 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
         return record | {"status": "unavailable", "error": f"deploy.port {port} on {cfg.host} is already in use; "
                          "free it or set deploy.port: 0 for any free port", "champion_after": champion}
     try:
-        env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri(), "HF_HUB_OFFLINE": "1"}
+        # the server's own executables (uvicorn) come from this Python's environment, activated or not
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri(), "HF_HUB_OFFLINE": "1", "PATH": path}
         url = f"http://{cfg.host}:{port}"
         with background_service("mlflow models serve", serve_command(uri, cfg.host, port), f"{url}/ping",
                                 timeout_s=cfg.startup_timeout_s, env=env):
@@ -66,6 +89,11 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
     except RetryableError as error:
         return record | {"status": "unavailable", "error": str(error)[-2000:], "champion_after": champion}
     except (PipelineError, requests.RequestException, KeyError, ValueError) as error:
+        if (fault := model_fault(uri, cfg.smoke_texts)) is None:
+            return record | {"status": "unavailable", "champion_after": champion, "error": (
+                f"the server failed ({str(error)[-1500:]}), but the model loads and answers in this process: "
+                "not the model's fault, so @champion stays")}
+        error = PipelineError(f"{str(error)[-1500:]}; loaded in this process too, it fails: {fault[-500:]}")
         # a reused record's promotion is history: a failure here says nothing against that version
         promoted_now = (registry["decision"] == "promoted" and registry["version"] == champion
                         and (not registry.get("reused") or "regated_against" in registry)
@@ -88,9 +116,13 @@ def main() -> None:
     if record["status"] == "unavailable":
         raise RetryableError(f"deploy: could not serve {record['model_name']}@champion (version {record['champion']}, "
                              f"left as champion): {record['error'][:500]}; see {params.paths.deployment}")
-    if record["status"] in {"failed", "rolled_back"}:
-        raise PipelineError(f"deploy: smoke test of {record['model_name']}@champion failed, status "
-                            f"{record['status']}; see {params.paths.deployment}")
+    if record["status"] == "rolled_back":
+        raise PipelineError(f"deploy: {record['model_name']} version {record['champion']}, promoted by this run, does "
+                            f"not serve: @champion rolled back to {record['champion_after'] or 'no version'}; see "
+                            f"{params.paths.deployment}")
+    if record["status"] == "failed":
+        raise PipelineError(f"deploy: smoke test of {record['model_name']}@champion (version {record['champion']}) "
+                            f"failed; the alias stays; see {params.paths.deployment}")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import html
 import io
 import json
-import re
 import tarfile
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import pandas as pd
 from stages.config import DataConfig, load_params
 from stages.errors import PipelineError
 from stages.io import log, remove_outputs, run_main, write_json, write_parquet
-from stages.rows import bad_rows, blank
+from stages.texts import bad_rows, blank, normalise_text
 
 # sha256 of additional_resources/hutto_ICWSM_2014.tar.gz inside vaderSentiment-3.3.2's sdist.
 VADER_INNER_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
@@ -34,7 +31,6 @@ SUFFIX_FORMATS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".tar.gz": "vader",
 }
 COLUMNS = ["text", "label", "domain"]
-_SPACES = re.compile(r"[ \t\u00a0]+")
 
 
 def detect_format(source: Path, declared: str) -> str:
@@ -66,17 +62,6 @@ def decode_text(raw: bytes, where: str) -> str:
             f"{where}: byte {error.start} (line {line}) is not valid UTF-8 "
             f"({raw[error.start:error.start + 1]!r}); re-save the file as UTF-8"
         ) from None
-
-
-def normalise_text(text: str) -> str:
-    for _ in range(3):  # some sources escape twice ("&amp;amp;")
-        unescaped = html.unescape(text)
-        if unescaped == text:
-            break
-        text = unescaped
-    text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return _SPACES.sub(" ", text).strip()
 
 
 def read_table(source: Path, fmt: str) -> pd.DataFrame:
@@ -169,6 +154,9 @@ def read_folder(source: Path) -> pd.DataFrame:
         raise PipelineError(f"data.format is folder but {source} is not a folder; set data.format: auto")
     files = folder_files(source)
     rows = [{"text": decode_text(file.read_bytes(), str(file)), "label": file.parent.name} for file in files]
+    if empty := sorted({p.name for p in class_folders(source)} - {file.parent.name for file in files}):
+        log.warning("ingest: class folder(s) %s of %s hold no .txt file: those classes are not in the data", empty,
+                    source)
     nested = sorted(set(source.glob("*/**/*.txt")) - set(files))
     if nested:
         log.warning("ingest: %d .txt file(s) in folders below the class folders are not read, e.g. %s", len(nested),
@@ -178,10 +166,14 @@ def read_folder(source: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def class_folders(source: Path) -> list[Path]:
+    return sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def folder_files(source: Path) -> list[Path]:
-    """The <class>/*.txt files of a folder source, in the order of its rows."""
-    classes = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [file for class_dir in classes for file in sorted(class_dir.glob("*.txt"))]
+    """The <class>/*.txt files of a folder source (.TXT too), in the order of its rows."""
+    return [file for class_dir in class_folders(source) for file in sorted(class_dir.iterdir())
+            if file.is_file() and file.suffix.lower() == ".txt"]
 
 
 def _decode_lenient(raw: bytes) -> str:

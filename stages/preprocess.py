@@ -57,8 +57,10 @@ def partition_domains(frame: pd.DataFrame, train_domains: list[str] | None) -> t
         return frame, frame.iloc[0:0]
     unknown = sorted(set(train_domains) - set(frame["domain"]))
     if unknown:
-        raise PipelineError(f"preprocess.train_domains names {unknown}, not in the data; "
-                            f"domains are {sorted(frame['domain'].unique())}")
+        domains = sorted(frame["domain"].unique())
+        hint = ("; set preprocess.train_domains: null to train on every row (the data has no domain column: "
+                "data.domain_column is null)") if domains == ["all"] else "; null trains on every domain"
+        raise PipelineError(f"preprocess.train_domains names {unknown}, not in the data; domains are {domains}{hint}")
     inside = frame["domain"].isin(train_domains)
     return frame[inside], frame[~inside]
 

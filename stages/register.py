@@ -24,6 +24,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from safetensors.numpy import load_file, save_file
 
+from stages.backbone import load_tokenizer
 from stages.config import PARAMS_FILE, Params, load_params
 from stages.errors import PipelineError, RetryableError
 from stages.evaluate import probabilities
@@ -93,12 +94,24 @@ def shipped_modules() -> list[Path]:
     return sorted(found | {SERVING_CODE.with_name("__init__.py")})
 
 
+def backbone_files(backbone: str, into: Path) -> str:
+    """What the served model needs of a linear probe's frozen backbone, copied into `into`: its config.json,
+    safetensors weights and tokenizer; not the rest of its folder (pickled checkpoints, custom code, training
+    state), which would ship with every version."""
+    source = Path(backbone)
+    into.mkdir()
+    for file in [source / "config.json", *source.glob("*.safetensors"), *source.glob("*.safetensors.index.json")]:
+        shutil.copy2(file, into / file.name)
+    load_tokenizer(backbone).save_pretrained(into)
+    return str(into)
+
+
 def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.models.model.ModelInfo:
     artifacts = {"model": str(model_dir)}
-    if not (model_dir / ENCODER_DIR).is_dir():  # a linear probe: ship the frozen backbone with it
-        artifacts["encoder"] = encoder_path(model_dir)
     requirements = [f"{p}=={package_version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
     with tempfile.TemporaryDirectory() as folder:
+        if not (model_dir / ENCODER_DIR).is_dir():  # a linear probe: ship the frozen backbone with it
+            artifacts["encoder"] = backbone_files(encoder_path(model_dir), Path(folder) / "encoder")
         package = Path(folder) / "stages"
         package.mkdir()
         for module in shipped_modules():

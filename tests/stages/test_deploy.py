@@ -13,11 +13,13 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from stages import deploy as deploy_stage
+from stages.config import load_params
 from stages.deploy import smoke_test
 from stages.errors import RetryableError
 from stages.io import read_json
 from stages.service import background_service, free_port, stop
-from tests.conftest import ROOT, registry_client, run, set_param
+from tests.conftest import ROOT, project_env, registry_client, run, set_param
 
 
 def test_smoke_test_rejects_a_server_that_does_not_answer() -> None:
@@ -45,9 +47,11 @@ def test_a_model_that_cannot_load_rolls_the_champion_back(registered: Path) -> N
     assert registered_model.is_relative_to(root)  # this test's own copy, never the shared project's
     (registered_model / "MLmodel").unlink()
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
-    assert result.returncode == 2 and "smoke test" in result.stderr
+    assert result.returncode == 2 and "version 1, promoted by this run, does not serve" in result.stderr
+    assert "@champion rolled back to no version" in result.stderr
     record = read_json(root / "reports/deployment.json")
     assert record["status"] == "rolled_back" and record["champion_after"] is None
+    assert "loaded in this process too, it fails" in record["error"]
     assert "champion" not in client.get_registered_model(name).aliases
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
     assert "deploy.rolled_back" in client.get_model_version(name, "1").tags
@@ -68,6 +72,28 @@ def test_a_reused_registration_is_never_rolled_back(registered: Path) -> None:
     record = read_json(root / "reports/deployment.json")
     assert record["status"] == "failed" and str(record["champion_after"]) == "1"
     assert "deploy.rolled_back" not in client.get_model_version(name, "1").tags
+
+
+def test_a_server_that_fails_around_a_healthy_model_keeps_the_champion(registered: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server exits before it loads anything (here: as a shell does when uvicorn is not on PATH, 127); the
+    model loads and answers in deploy's process, so the environment is to blame and the alias stays."""
+    client, name = _champion(registered)
+    monkeypatch.chdir(registered)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registered / 'mlflow.db'}")
+    monkeypatch.setattr(deploy_stage, "serve_command", lambda *_: [sys.executable, "-c", "raise SystemExit(127)"])
+    record = deploy_stage.deploy(load_params().deploy, read_json(registered / "reports/registry.json"))
+    assert record["status"] == "unavailable" and "the model loads and answers in this process" in record["error"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert "deploy.rolled_back" not in client.get_model_version(name, "1").tags
+
+
+def test_deploy_finds_the_server_without_an_activated_environment(registered: Path) -> None:
+    env = {k: v for k, v in project_env(registered).items() if k != "VIRTUAL_ENV"} | {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "stages.deploy"], cwd=registered, env=env, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(registered / "reports/deployment.json")["status"] == "ok"
 
 
 def _assert_unavailable_keeps_champion(root: Path, client: MlflowClient, name: str, why: str) -> None:

@@ -44,6 +44,17 @@ def test_folder_of_text_files(tmp_path: Path) -> None:
     assert sorted(out["label"]) == ["neg", "neg", "pos", "pos"]
 
 
+def test_a_folder_source_reads_upper_case_suffixes_and_names_an_empty_class(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    for label, name in {"pos": "A.TXT", "neg": "b.txt", "neutral": "notes.md"}.items():
+        (tmp_path / "data" / label).mkdir(parents=True)
+        (tmp_path / "data" / label / name).write_text(f"a {label} text")
+    with caplog.at_level("WARNING", logger="stages"):
+        out = ingest(_cfg(tmp_path / "data"))
+    assert sorted(out["label"]) == ["neg", "pos"]
+    assert "class folder(s) ['neutral'] of" in caplog.text and "hold no .txt file" in caplog.text
+
+
 def test_normalises_html_entities_and_line_endings(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_bytes(b'text,label\r\n"fish &amp; chips\r\nrock",a\r\nplain,b\r\n')

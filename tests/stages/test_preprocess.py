@@ -79,6 +79,9 @@ def test_keep_unlabeled_without_few_shot_is_rejected() -> None:
 def test_unknown_training_domain_is_named(tiny_frame: pd.DataFrame) -> None:
     with pytest.raises(PipelineError, match=r"preprocess.train_domains names \['films'\]"):
         preprocess(tiny_frame, repo_cfg("preprocess", train_domains=["films"]))
+    single = tiny_frame.assign(domain="all")  # data without a domain column (data.domain_column: null)
+    with pytest.raises(PipelineError, match=r"domains are \['all'\]; set preprocess.train_domains: null"):
+        preprocess(single, repo_cfg("preprocess", train_domains=["movie"]))
 
 
 def test_label_unseen_in_training_is_rejected(tiny_frame: pd.DataFrame) -> None:

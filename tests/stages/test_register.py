@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import mlflow
 import pandas as pd
 import pytest
 import yaml
@@ -74,7 +75,7 @@ def test_the_champion_is_compared_on_rows_it_never_trained_on() -> None:
 
 def test_the_code_that_ships_with_the_model_is_what_serving_imports_and_imports_on_its_own(tmp_path: Path) -> None:
     shipped = {module.name for module in shipped_modules()}
-    assert {"__init__.py", "serving.py", "model.py", "backbone.py", "ngram.py", "rows.py"} <= shipped
+    assert {"__init__.py", "serving.py", "model.py", "backbone.py", "ngram.py", "texts.py"} <= shipped
     assert not shipped & {"register.py", "deploy.py", "fine_tune.py", "ingest.py", "config.py", "io.py"}
     package = tmp_path / "stages"
     package.mkdir()
@@ -82,7 +83,7 @@ def test_the_code_that_ships_with_the_model_is_what_serving_imports_and_imports_
         (package / module.name).write_bytes(module.read_bytes())
     register_deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["register"]["deps"]
     assert {f"stages/{name}" for name in shipped - {"__init__.py"}} <= set(register_deps)  # DVC reruns register
-    check = ("import stages, stages.model, stages.ngram, stages.rows; from stages.serving import TextClassifierModel; "
+    check = ("import stages, stages.model, stages.ngram, stages.texts; from stages.serving import TextClassifierModel; "
              f"assert stages.__file__.startswith({str(tmp_path)!r}), stages.__file__")
     subprocess.run([sys.executable, "-c", check], cwd=tmp_path, check=True, capture_output=True, text=True)
 
@@ -103,6 +104,12 @@ def test_registry_aliases_follow_the_gate(registered: Path) -> None:
     name = first["model_name"]
     assert first["decision"] == "promoted" and first["previous_champion"] is None
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    # a linear probe ships its frozen backbone: the config, safetensors weights and tokenizer, nothing else of the
+    # folder (the default's holds a README, sentence-transformers' pooling config and more)
+    encoder = mlflow.artifacts.list_artifacts(f"models:/{name}/1/artifacts/encoder", tracking_uri=client.tracking_uri)
+    shipped = {Path(a.path).name for a in encoder}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= shipped
+    assert not shipped & {"README.md", "1_Pooling", "modules.json", ".gitattributes"}, shipped
 
     set_param(root, "register", "min_gain_over_champion", 0.5)  # the same model cannot beat itself by 0.5
     run(register, root)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.errors import PipelineError
 from stages.hub import resolve_backbone
@@ -165,6 +165,27 @@ def load_encoder(name: str, device: torch.device,
     return tokenizer, model.to(device).eval()
 
 
+CHARS_PER_TOKEN = 32  # a text longer than max_length times this is cut at a space before it is tokenized
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> BatchEncoding:
+    """`tokenizer(texts, truncation=True, max_length=max_length)`, the same ids, without tokenizing what truncation
+    drops: a 100k-character request took seconds and gigabytes to tokenize, for its first max_length tokens."""
+    return tokenizer([clip(text, tokenizer, max_length) for text in texts], truncation=True, max_length=max_length)
+
+
+def clip(text: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> str:
+    """`text`, or its start up to a space, when that start alone has max_length tokens. No token spans a space
+    (BERT's, BPE's and SentencePiece's pre-tokenizers split there), so its tokens are the first of the whole text's."""
+    limit = max_length * CHARS_PER_TOKEN
+    cut = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit)) if len(text) > limit else -1
+    if cut <= 0:
+        return text
+    head = text[:cut]
+    ids = tokenizer(head, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    return head if len(ids) == max_length else text
+
+
 def usable_length(requested: int, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
     """Truncate to what the backbone can take (position embeddings), whatever params ask for."""
     positions = getattr(model.config, "max_position_embeddings", None) or requested
@@ -243,7 +264,7 @@ def embed(texts: list[str], tokenizer: PreTrainedTokenizerBase, model: PreTraine
     from several threads at once); input order, float32."""
     device = next(model.parameters()).device
     run = forward or (lambda inputs: model(**inputs).last_hidden_state)
-    encoded = tokenizer(texts, truncation=True, max_length=usable_length(max_length, tokenizer, model))
+    encoded = tokenize(tokenizer, texts, usable_length(max_length, tokenizer, model))
     ids = encoded["input_ids"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,15 +44,26 @@ def smoke_test(url: str, texts: list[str]) -> dict:
 
 def model_fault(model_uri: str, texts: list[str]) -> str | None:
     """Why the model itself does not serve, found by loading it in this process and scoring `texts`; None when
-    it loads and answers, so a server that failed around it failed for another reason (its environment, memory,
-    the artifact store) and the alias stays."""
+    it loads and answers, so a server that failed around it failed for another reason (its environment, memory)
+    and the alias stays. A registry or artifact store that does not answer is RetryableError: nothing is known
+    against the model then either."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    try:
-        predictions = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))
-        check_predictions(predictions.to_dict(orient="records"), texts)
-    except Exception as error:  # noqa: BLE001 - whatever stops the model is its fault, and is reported
-        return f"{type(error).__name__}: {error}"
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            files = mlflow.artifacts.download_artifacts(model_uri, dst_path=folder)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return f"its files cannot be found: {error}"
+            raise RetryableError(f"could not download {model_uri} to check it: {error}") from error
+        except (OSError, requests.RequestException) as error:
+            raise RetryableError(f"could not download {model_uri} to check it: {error}") from error
+        try:
+            predictions = mlflow.pyfunc.load_model(files).predict(pd.DataFrame({"text": texts}))
+            check_predictions(predictions.to_dict(orient="records"), texts)
+        except Exception as error:  # noqa: BLE001 - whatever stops the downloaded model is its own fault
+            return f"{type(error).__name__}: {error}"
     return None
 
 
@@ -89,7 +101,12 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
     except RetryableError as error:
         return record | {"status": "unavailable", "error": str(error)[-2000:], "champion_after": champion}
     except (PipelineError, requests.RequestException, KeyError, ValueError) as error:
-        if (fault := model_fault(uri, cfg.smoke_texts)) is None:
+        try:
+            fault = model_fault(uri, cfg.smoke_texts)
+        except RetryableError as trouble:
+            return record | {"status": "unavailable", "champion_after": champion,
+                             "error": f"the server failed ({str(error)[-1500:]}); {trouble}"}
+        if fault is None:
             return record | {"status": "unavailable", "champion_after": champion, "error": (
                 f"the server failed ({str(error)[-1500:]}), but the model loads and answers in this process: "
                 "not the model's fault, so @champion stays")}

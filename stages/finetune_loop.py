@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from stages.backbone import autocast_dtype, compute_context, mean_pool, pad_batch, usable_length
+from stages.backbone import autocast_dtype, compute_context, mean_pool, pad_batch, tokenize, usable_length
 from stages.config import FinetuneConfig
 from stages.errors import PipelineError
 from stages.model import Head, classify
@@ -91,7 +91,7 @@ class Batcher:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
                  device: torch.device) -> None:
         self.tokenizer, self.device = tokenizer, device
-        self.encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        self.encoded = tokenize(tokenizer, texts, max_length)
         self.lengths = [len(x) for x in self.encoded["input_ids"]]
 
     def __call__(self, batch: np.ndarray) -> dict[str, torch.Tensor]:

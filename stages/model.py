@@ -22,6 +22,7 @@ from stages.backbone import (
     mean_pool,
     pad_batch,
     select_device,
+    tokenize,
     usable_length,
 )
 from stages.model_files import ENCODER_DIR, HEAD_FILE, NGRAM_DIR, encoder_path, read_info, write_info
@@ -90,7 +91,7 @@ def classify(encoder: Any, tokenizer: Any, head: Head, texts: list[str], max_len
     device = next(encoder.parameters()).device
     encoder.eval()
     length = usable_length(max_length, tokenizer, encoder)
-    encoded = tokenizer(list(texts), truncation=True, max_length=length)
+    encoded = tokenize(tokenizer, texts, length)
     out = np.zeros((len(texts), head.linear.out_features), dtype=np.float32)
     # one batch at a time, unlike `embed`: batch-parallel scoring held ~140 MiB more, against the 2 GiB peak target
     with torch.inference_mode(), compute_context(device, "auto"):

@@ -16,12 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.ort_fusions import kernel_seconds
 from stages.backbone import (
+    CHARS_PER_TOKEN,
+    clip,
     embed,
     for_each_batch,
     load_encoder,
     load_tokenizer,
     pad_batch,
     select_device,
+    tokenize,
 )
 from stages.config import BackboneConfig, ExtractConfig
 from stages.errors import PipelineError
@@ -280,6 +283,17 @@ def test_a_checkpoint_without_the_unused_pooler_loads(saved_backbone: Path, tmp_
     ours = embed(texts, *load_encoder(str(folder), torch.device("cpu")), max_length=32, batch_size=2)
     reference = embed(texts, *load_encoder(str(saved_backbone), torch.device("cpu")), max_length=32, batch_size=2)
     assert np.allclose(ours, reference, atol=1e-6)
+
+
+def test_long_texts_are_cut_before_tokenizing_to_the_same_ids() -> None:
+    tokenizer = load_tokenizer("default")
+    long = "A slow, beautiful film about memory; the  actors\nare superb. " * 2000  # 120k characters
+    sparse = "a" + "\n" * 9000 + " words at the end"  # its first characters hold too few tokens: kept whole
+    texts = [long, "x" * 50_000, sparse, "short"]  # the second has no space to cut at
+    for length in (16, 128):
+        assert tokenize(tokenizer, texts, length)["input_ids"] == \
+            tokenizer(texts, truncation=True, max_length=length)["input_ids"]
+    assert len(clip(long, tokenizer, 128)) < 128 * CHARS_PER_TOKEN and clip(sparse, tokenizer, 128) == sparse
 
 
 def test_long_documents_are_truncated_not_rejected() -> None:

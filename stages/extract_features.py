@@ -43,7 +43,16 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
     device = select_device()
     tokenizer, model = load_encoder(backbone.name, device, backbone.revision)
     runtime, precision = resolve_runtime(cfg, device, strategy)
-    forward = onnx_forward(model, tokenizer, precision) if runtime == "onnxruntime" else None
+    forward = None
+    if runtime == "onnxruntime":
+        try:
+            forward = onnx_forward(model, tokenizer, precision)
+        except Exception as error:  # export can fail in many ways for an architecture it does not cover
+            if cfg.runtime != "auto":
+                raise
+            log.warning("extract_features: ONNX Runtime cannot run backbone %r (%s); runtime auto falls back to "
+                        "torch, exact fp32", backbone.name, str(error)[:300])
+            runtime, precision = "torch", "fp32"
     reduced = autocast_dtype(device, precision) if runtime == "torch" else None
     # Cast the weights once instead of in every autocast matmul (1.2x on an AMX CPU), except where the served
     # model must compute exactly these features: a linear probe on CUDA, served with autocast over fp32 weights.

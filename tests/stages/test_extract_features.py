@@ -81,6 +81,24 @@ def test_runtime_resolution(runtime: str, precision: str, device: str, strategy:
     assert resolve_runtime(cfg, torch.device(device), strategy) == expected
 
 
+@pytest.mark.parametrize("runtime", ["auto", "onnxruntime"])
+def test_a_backbone_onnx_cannot_run_falls_back_to_torch_only_under_auto(monkeypatch: pytest.MonkeyPatch,
+                                                                       runtime: str) -> None:
+    def cannot(*_: object) -> None:
+        raise PipelineError("the exported backbone differs from torch by 1.00e+00 on a padded batch")
+
+    monkeypatch.setattr("stages.extract_features.onnx_forward", cannot)
+    monkeypatch.setattr("stages.extract_features.amx_cpu", lambda: False)
+    cfg = repo_cfg("extract_features", runtime=runtime, precision="auto" if runtime == "auto" else "int8")
+    args = (["a fine film", "a dull one"], repo_cfg("backbone"), cfg, "finetune")
+    if runtime == "onnxruntime":  # asked for by name: the error stands
+        with pytest.raises(PipelineError, match="differs from torch"):
+            extract_features(*args)
+        return
+    vectors, meta = extract_features(*args)
+    assert (meta["runtime"], meta["precision"]) == ("torch", "fp32") and vectors.shape == (2, 384)
+
+
 def test_auto_takes_bf16_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("stages.extract_features.amx_cpu", lambda: True)
     cfg = repo_cfg("extract_features", runtime="auto", precision="auto")

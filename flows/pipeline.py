@@ -191,7 +191,7 @@ def main() -> None:
     except StageFailed as error:  # Prefect has logged the error with the stage's output: no third copy of it here
         first = str(error).splitlines()[0]
         print(f"transfer-pipeline: {first.removesuffix(':')}; its error is in the log above", file=sys.stderr)
-        sys.exit(error.returncode or 1)
+        sys.exit(error.returncode if 0 < error.returncode < 256 else 1)  # killed by a signal: negative
     print(json.dumps(results, indent=2))
 
 

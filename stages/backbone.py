@@ -175,15 +175,17 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_lengt
 
 
 def clip(text: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> str:
-    """`text`, or its start up to a space, when that start alone has max_length tokens. No token spans a space
-    (BERT's, BPE's and SentencePiece's pre-tokenizers split there), so its tokens are the first of the whole text's."""
+    """`text`, or its start up to a run of spaces, when that start alone has more than max_length tokens. No token
+    spans a space (BERT's, BPE's and SentencePiece's pre-tokenizers split there), so the first max_length are the
+    whole text's, and the token at the cut is never kept. Truncation from the left keeps the text's end: no cut."""
     limit = max_length * CHARS_PER_TOKEN
-    cut = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit)) if len(text) > limit else -1
-    if cut <= 0:
+    if len(text) <= limit or tokenizer.truncation_side != "right":
         return text
-    head = text[:cut]
-    ids = tokenizer(head, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-    return head if len(ids) == max_length else text
+    head = text[:max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit), 0)].rstrip()
+    if not head:
+        return text
+    ids = tokenizer(head, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"]
+    return head if len(ids) > max_length else text
 
 
 def usable_length(requested: int, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:

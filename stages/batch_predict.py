@@ -44,7 +44,8 @@ def batch_predict(model_uri: str, frame: pd.DataFrame, text_column: str, source:
                             f"{bad_rows(other, row_places(source, fmt, len(texts)))}")
     model = load_model(model_uri)
     # The input may carry its own `label` (a labelled test file): keep both, the prediction renamed.
-    outputs = model.metadata.get_output_schema().input_names()
+    schema = model.metadata.get_output_schema()
+    outputs = schema.input_names() if schema else []
     renamed = {c: f"predicted_{c}" for c in outputs if c in frame.columns}
     if clash := sorted(set(renamed.values()) & set(map(str, frame.columns))):
         raise PipelineError(f"{source}: has columns {clash} as well as {sorted(renamed)}, so the predictions would "
@@ -61,27 +62,30 @@ def check_paths(source: Path, target: Path) -> None:
         raise PipelineError(f"--input {source} is a folder; give a CSV, TSV, Parquet or JSONL file")
     if not source.is_file():
         raise PipelineError(f"--input {source} does not exist")
-    if target.suffix not in FORMATS:
+    if target.suffix.lower() not in FORMATS:
         raise PipelineError(f"--output {target}: write {', '.join(sorted(FORMATS))}, by its suffix")
     if target.resolve() == source.resolve():
         raise PipelineError(f"--output {target} is the input file; write the scored rows elsewhere")
 
 
-def check_registry_is_known() -> None:
-    """Outside the project, without MLFLOW_TRACKING_URI, MLflow would make and search an empty mlflow.db here."""
-    if not os.environ.get("MLFLOW_TRACKING_URI") and not Path(PARAMS_FILE).is_file():
+def check_registry_is_known(model_uri: str | None) -> None:
+    """Outside the project, without MLFLOW_TRACKING_URI, MLflow would make and search an empty mlflow.db here (a
+    runs:/ or models:/ URI needs the registry; a model folder does not)."""
+    needs_registry = model_uri is None or model_uri.startswith(("models:/", "runs:/"))
+    if needs_registry and not os.environ.get("MLFLOW_TRACKING_URI") and not Path(PARAMS_FILE).is_file():
         raise PipelineError(f"no {PARAMS_FILE} in {Path.cwd()}: run from the project root, whose registry is its "
                             "mlflow.db, or set MLFLOW_TRACKING_URI to the registry to read")
 
 
 def write_table(frame: pd.DataFrame, target: Path) -> None:
     with atomic_path(target) as tmp:
-        if target.suffix == ".parquet":
+        suffix = target.suffix.lower()
+        if suffix == ".parquet":
             frame.to_parquet(tmp, index=False)
-        elif target.suffix == ".jsonl":
+        elif suffix == ".jsonl":
             frame.to_json(tmp, orient="records", lines=True)
         else:  # .csv or .tsv (check_paths)
-            frame.to_csv(tmp, index=False, sep="\t" if target.suffix == ".tsv" else ",")
+            frame.to_csv(tmp, index=False, sep="\t" if suffix == ".tsv" else ",")
 
 
 def main() -> None:
@@ -92,7 +96,7 @@ def main() -> None:
     parser.add_argument("--model-uri", default=None, help="default: models:/<register.model_name>@champion")
     args = parser.parse_args()
     check_paths(args.input, args.output)
-    check_registry_is_known()
+    check_registry_is_known(args.model_uri)
     uri = args.model_uri or f"models:/{load_params().register.model_name}@{CHAMPION}"
     configure_mlflow()
     fmt = detect_format(args.input, "auto")

@@ -7,14 +7,16 @@ and exits 1, so the stage is retried (Prefect) or rerun (`dvc repro`) against th
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
 import requests
 
 from stages.config import DeployConfig, load_params
@@ -42,11 +44,20 @@ def smoke_test(url: str, texts: list[str]) -> dict:
     return {"latency_ms": round(latency_ms, 1), "predictions": predictions}
 
 
-def model_fault(model_uri: str, texts: list[str]) -> str | None:
-    """Why the model itself does not serve, found by loading it in this process and scoring `texts`; None when
-    it loads and answers, so a server that failed around it failed for another reason (its environment, memory)
-    and the alias stays. A registry or artifact store that does not answer is RetryableError: nothing is known
-    against the model then either."""
+LOAD_AND_PREDICT = """import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+print(json.dumps(model.predict(pd.DataFrame({"text": json.loads(sys.argv[2])})).to_dict(orient="records")))
+"""
+OUT_OF_MEMORY = ("MemoryError", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory")
+
+
+def model_fault(model_uri: str, texts: list[str], timeout_s: float) -> str | None:
+    """Why the model itself does not serve, found by downloading it and scoring `texts` in a fresh Python (so the
+    code that ships with it is what runs, not this checkout's); None when it loads and answers, so a server that
+    failed around it failed for another reason (its environment) and the alias stays. A registry or artifact store
+    that does not answer, or a check killed for time or memory, is RetryableError: nothing is known against the
+    model then either."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -60,10 +71,19 @@ def model_fault(model_uri: str, texts: list[str]) -> str | None:
         except (OSError, requests.RequestException) as error:
             raise RetryableError(f"could not download {model_uri} to check it: {error}") from error
         try:
-            predictions = mlflow.pyfunc.load_model(files).predict(pd.DataFrame({"text": texts}))
-            check_predictions(predictions.to_dict(orient="records"), texts)
-        except Exception as error:  # noqa: BLE001 - whatever stops the downloaded model is its own fault
-            return f"{type(error).__name__}: {error}"
+            check = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, files, json.dumps(texts)], cwd=folder,
+                                   capture_output=True, text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as error:
+            raise RetryableError(f"loading {model_uri} to check it took over {timeout_s:.0f} s") from error
+    if check.returncode < 0 or any(mark in check.stderr for mark in OUT_OF_MEMORY):
+        raise RetryableError(f"checking {model_uri} in a fresh process ran out of memory or was killed "
+                             f"(exit {check.returncode}): {check.stderr[-300:]}")
+    if check.returncode != 0:
+        return check.stderr.strip()[-800:]
+    try:
+        check_predictions(json.loads(check.stdout.strip().splitlines()[-1]), texts)
+    except (PipelineError, ValueError, IndexError) as error:
+        return f"it answers wrongly: {error}"
     return None
 
 
@@ -72,8 +92,10 @@ def check_predictions(predictions: list[dict], texts: list[str]) -> None:
         raise PipelineError(f"sent {len(texts)} texts, got {len(predictions)} predictions")
     for row in predictions:
         labels = [key.removeprefix("prob_") for key in row if key.startswith("prob_")]
-        total = sum(row[f"prob_{label}"] for label in labels)
-        if len(labels) < 2 or row.get("label") not in labels or abs(total - 1.0) > 1e-3:
+        probabilities = [row[f"prob_{label}"] for label in labels]
+        finite = all(isinstance(p, int | float) and math.isfinite(p) for p in probabilities)
+        if len(labels) < 2 or row.get("label") not in labels or not finite or \
+                not math.isclose(sum(probabilities), 1.0, abs_tol=1e-3):
             raise PipelineError(f"invalid prediction {row}: needs a label among its prob_<label> columns, "
                                 "and probabilities summing to 1")
 
@@ -102,7 +124,7 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
         return record | {"status": "unavailable", "error": str(error)[-2000:], "champion_after": champion}
     except (PipelineError, requests.RequestException, KeyError, ValueError) as error:
         try:
-            fault = model_fault(uri, cfg.smoke_texts)
+            fault = model_fault(f"models:/{name}/{champion}", cfg.smoke_texts, cfg.startup_timeout_s)
         except RetryableError as trouble:
             return record | {"status": "unavailable", "champion_after": champion,
                              "error": f"the server failed ({str(error)[-1500:]}); {trouble}"}

@@ -48,7 +48,7 @@ def extract_features(texts: list[str], backbone: BackboneConfig, cfg: ExtractCon
         try:
             forward = onnx_forward(model, tokenizer, precision)
         except Exception as error:  # export can fail in many ways for an architecture it does not cover
-            if cfg.runtime != "auto":
+            if cfg.runtime != "auto" or isinstance(error, MemoryError):
                 raise
             log.warning("extract_features: ONNX Runtime cannot run backbone %r (%s); runtime auto falls back to "
                         "torch, exact fp32", backbone.name, str(error)[:300])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import shutil
 import subprocess
@@ -106,9 +107,12 @@ def backbone_files(backbone: str, into: Path) -> str:
     return str(into)
 
 
+def requirements() -> list[str]:
+    return [f"{p}=={package_version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
+
+
 def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.models.model.ModelInfo:
     artifacts = {"model": str(model_dir)}
-    requirements = [f"{p}=={package_version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
     with tempfile.TemporaryDirectory() as folder:
         if not (model_dir / ENCODER_DIR).is_dir():  # a linear probe: ship the frozen backbone with it
             artifacts["encoder"] = backbone_files(encoder_path(model_dir), Path(folder) / "encoder")
@@ -119,7 +123,7 @@ def log_model(model_dir: Path, labels: list[str], example: list[str]) -> mlflow.
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVING_CODE), artifacts=artifacts, code_paths=[str(package)],
             signature=signature(labels), input_example=pd.DataFrame({"text": example}),
-            pip_requirements=requirements)
+            pip_requirements=requirements())
 
 
 def fingerprints(texts: pd.Series) -> np.ndarray:
@@ -240,6 +244,8 @@ def registration_key(params: Params) -> str:
     data = [paths.model, paths.splits, paths.label_map, paths.predictions, paths.evaluation, paths.metrics]
     payload = {"data": file_digests(data, Path.cwd().resolve()),
                "code": file_digests(shipped_modules(), SERVING_CODE.resolve().parent.parent),
+               "packaging": {"requirements": requirements(),  # and how log_model packs what ships
+                             "source": [inspect.getsource(f) for f in (log_model, backbone_files, signature)]},
                "register": params.register.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

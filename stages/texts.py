@@ -25,14 +25,18 @@ def normalise_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
+INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # control, format (zero-width), and separator characters
+
+
 def blank(values: pd.Series) -> pd.Series:
-    """Which values are null, empty, or hold nothing but spaces and invisible characters (zero-width, control)."""
-    visible = values.map(lambda value: _visible(str(value)), na_action="ignore")
+    """Which values are null, or empty once normalised (`&nbsp;` is), or hold nothing but spaces and invisible
+    characters (zero-width, control). Emoji, and characters newer than this Python's Unicode tables, are text."""
+    visible = values.map(lambda value: _visible(normalise_text(str(value))), na_action="ignore")
     return values.isna() | ~visible.fillna(True).astype(bool)
 
 
 def _visible(text: str) -> bool:
-    return any(char.isprintable() and not char.isspace() for char in text)
+    return any(unicodedata.category(char) not in INVISIBLE and not char.isspace() for char in text)
 
 
 def not_text(values: pd.Series) -> pd.Series:

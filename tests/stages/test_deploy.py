@@ -40,12 +40,19 @@ def _champion(root: Path) -> tuple[MlflowClient, str]:
     return registry_client(f"sqlite:///{root / 'mlflow.db'}"), registry["model_name"]
 
 
-def test_a_model_that_cannot_load_rolls_the_champion_back(registered: Path) -> None:
+@pytest.mark.parametrize("broken", ["MLmodel", "code/stages/texts.py"])
+def test_a_model_that_cannot_load_rolls_the_champion_back(registered: Path, broken: str) -> None:
+    """Its MLmodel is gone, or a module of the code that ships with it is broken: the server fails, and so does the
+    check in a fresh Python (which runs the shipped code, not this checkout's, where texts.py is fine). (A shipped
+    module deleted outright would be filled in from this checkout by the editable install of this venv.)"""
     root = registered
     client, name = _champion(root)
     registered_model = Path(unquote(urlparse(client.get_model_version_download_uri(name, "1")).path))
     assert registered_model.is_relative_to(root)  # this test's own copy, never the shared project's
-    (registered_model / "MLmodel").unlink()
+    if broken == "MLmodel":
+        (registered_model / broken).unlink()
+    else:
+        (registered_model / broken).write_text("raise RuntimeError('a broken shipped module')\n")
     result = run([sys.executable, "-m", "stages.deploy"], root, check=False)
     assert result.returncode == 2 and "version 1, promoted by this run, does not serve" in result.stderr
     assert "@champion rolled back to no version" in result.stderr

@@ -312,6 +312,8 @@ def test_long_texts_are_cut_before_tokenizing_to_the_same_ids() -> None:
         assert tokenize(tokenizer, texts, length)["input_ids"] == \
             tokenizer(texts, truncation=True, max_length=length)["input_ids"]
     assert len(clip(long, tokenizer, 128)) < 128 * CHARS_PER_TOKEN and clip(sparse, tokenizer, 128) == sparse
+    tokenizer.truncation_side = "left"  # truncation keeps the end of the text: never cut
+    assert clip(long, tokenizer, 128) == long
 
 
 def test_long_documents_are_truncated_not_rejected() -> None:

@@ -9,6 +9,7 @@ import pytest
 from stages.config import DataConfig
 from stages.errors import PipelineError
 from stages.ingest import data_report, ingest
+from stages.texts import blank
 from tests.conftest import REPO_PARAMS, ROOT, TINY_CSV, make_project, project_env, repo_cfg
 
 
@@ -201,3 +202,9 @@ def test_compressed_csv_is_read(tmp_path: Path) -> None:
     path = tmp_path / "d.csv.gz"
     path.write_bytes(gzip.compress(b"text,label\ngood,pos\nbad,neg\n"))
     assert ingest(_cfg(path))["label"].tolist() == ["pos", "neg"]
+
+
+def test_blank_means_no_visible_text_after_normalisation() -> None:
+    values = pd.Series(["ok", "  ", None, "\u200b\u200d", "\x00\x01", "&nbsp;", "&amp;nbsp;", "&#8203;",
+                        "\U0001f621", "\U0001fae8", "\ue000", "\u00e9"])
+    assert blank(values).tolist() == [False, True, True, True, True, True, True, True, False, False, False, False]

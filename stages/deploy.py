@@ -1,8 +1,8 @@
 """deploy: serve `@champion` with MLflow's scoring server on loopback, smoke-test it, roll back on failure.
 
 Only the model's own failures roll `@champion` back: a server that exits while loading it or answers wrongly, when
-the model, loaded in deploy's own process, fails too. A server that fails while the model loads and answers here, a
-server still starting after `deploy.startup_timeout_s`, or a `deploy.port` already taken, leaves the aliases alone
+the version, downloaded and loaded in a fresh Python, fails too. A server that fails while the model loads and
+answers there, a server still starting after `deploy.startup_timeout_s`, or a `deploy.port` already taken, leaves the aliases alone
 and exits 1, so the stage is retried (Prefect) or rerun (`dvc repro`) against the same champion."""
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ import requests
 from stages.config import DeployConfig, load_params
 from stages.errors import PipelineError, RetryableError
 from stages.io import log, read_json, remove_outputs, run_main, write_json
-from stages.registry import CHAMPION, alias_version, configure_mlflow, rollback, tracking_uri
+from stages.registry import (
+    CHAMPION,
+    VersionMissing,
+    alias_version,
+    configure_mlflow,
+    download_version,
+    rollback,
+    tracking_uri,
+)
 from stages.service import background_service, free_port, port_is_free
 
 
@@ -52,27 +60,21 @@ print(json.dumps(model.predict(pd.DataFrame({"text": json.loads(sys.argv[2])})).
 OUT_OF_MEMORY = ("MemoryError", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory")
 
 
-def model_fault(model_uri: str, texts: list[str], timeout_s: float) -> str | None:
+def model_fault(name: str, version: str, texts: list[str], timeout_s: float) -> str | None:
     """Why the model itself does not serve, found by downloading it and scoring `texts` in a fresh Python (so the
     code that ships with it is what runs, not this checkout's); None when it loads and answers, so a server that
     failed around it failed for another reason (its environment) and the alias stays. A registry or artifact store
     that does not answer, or a check killed for time or memory, is RetryableError: nothing is known against the
     model then either."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    model_uri = f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory() as folder:
         try:
-            files = mlflow.artifacts.download_artifacts(model_uri, dst_path=folder)
-        except MlflowException as error:
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return f"its files cannot be found: {error}"
-            raise RetryableError(f"could not download {model_uri} to check it: {error}") from error
-        except (OSError, requests.RequestException) as error:
-            raise RetryableError(f"could not download {model_uri} to check it: {error}") from error
+            files = download_version(name, version, Path(folder))
+        except VersionMissing as error:
+            return f"its files cannot be found: {error}"
         try:
-            check = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, files, json.dumps(texts)], cwd=folder,
-                                   capture_output=True, text=True, timeout=timeout_s, check=False)
+            check = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(files), json.dumps(texts)],
+                                   cwd=folder, capture_output=True, text=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired as error:
             raise RetryableError(f"loading {model_uri} to check it took over {timeout_s:.0f} s") from error
     if check.returncode < 0 or any(mark in check.stderr for mark in OUT_OF_MEMORY):
@@ -124,15 +126,15 @@ def deploy(cfg: DeployConfig, registry: dict) -> dict:
         return record | {"status": "unavailable", "error": str(error)[-2000:], "champion_after": champion}
     except (PipelineError, requests.RequestException, KeyError, ValueError) as error:
         try:
-            fault = model_fault(f"models:/{name}/{champion}", cfg.smoke_texts, cfg.startup_timeout_s)
+            fault = model_fault(name, champion, cfg.smoke_texts, cfg.startup_timeout_s)
         except RetryableError as trouble:
             return record | {"status": "unavailable", "champion_after": champion,
                              "error": f"the server failed ({str(error)[-1500:]}); {trouble}"}
         if fault is None:
             return record | {"status": "unavailable", "champion_after": champion, "error": (
-                f"the server failed ({str(error)[-1500:]}), but the model loads and answers in this process: "
+                f"the server failed ({str(error)[-1500:]}), but the model loads and answers in a fresh process: "
                 "not the model's fault, so @champion stays")}
-        error = PipelineError(f"{str(error)[-1500:]}; loaded in this process too, it fails: {fault[-500:]}")
+        error = PipelineError(f"{str(error)[-1500:]}; loaded in a fresh process too, it fails: {fault[-500:]}")
         # a reused record's promotion is history: a failure here says nothing against that version
         promoted_now = (registry["decision"] == "promoted" and registry["version"] == champion
                         and (not registry.get("reused") or "regated_against" in registry)

@@ -15,7 +15,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import requests
 import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -37,10 +36,12 @@ from stages.registry import (
     CHAMPION,
     ChampionScore,
     Decision,
+    VersionMissing,
     alias_version,
     apply_decision,
     configure_mlflow,
     decide,
+    download_version,
     dvc_hashes,
     git_commit,
     metric_key,
@@ -175,21 +176,17 @@ def check_same_labels(champion: mlflow.pyfunc.PyFuncModel, name: str, version: s
 
 
 def download_champion(name: str, version: str, folder: Path) -> Path:
-    """The champion's files. A registry or artifact store that does not answer (down, HTTP 5xx) says nothing about
-    the champion: that is worth a retry, not an error telling the operator to move the alias."""
+    """The champion's files. A registry or artifact store that does not answer is worth a retry, not an error
+    telling the operator to move the alias."""
     try:
-        return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(folder)))
-    except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise PipelineError(f"register: the champion {name}@{CHAMPION} (version {version}) or its files cannot "
-                                f"be found ({error}); point the alias at a version that loads "
-                                f"(MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, <version>)) or "
-                                "delete the alias to let this candidate become the first champion") from error
-        transient: Exception = error
-    except (OSError, requests.RequestException) as error:
-        transient = error
-    raise RetryableError(f"register: could not download the champion {name}@{CHAMPION} (version {version}) "
-                         f"from the registry: {transient}") from transient
+        return download_version(name, version, folder)
+    except VersionMissing as error:
+        raise PipelineError(f"register: the champion {name}@{CHAMPION} (version {version}) or its files cannot "
+                            f"be found ({error}); point the alias at a version that loads "
+                            f"(MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, <version>)) or "
+                            "delete the alias to let this candidate become the first champion") from error
+    except RetryableError as error:
+        raise RetryableError(f"register: the champion {name}@{CHAMPION}: {error}") from error
 
 
 def champion_score(client: MlflowClient, name: str, version: str | None, test: pd.DataFrame,

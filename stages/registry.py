@@ -216,6 +216,25 @@ def decide(candidate: dict[str, float], baseline_accuracy: float, champion: Cham
     return Decision(promote=ok, reasons=reasons)
 
 
+class VersionMissing(Exception):
+    """A registered version, or its files, that the registry no longer has."""
+
+
+def download_version(name: str, version: str, folder: Path) -> Path:
+    """A registered version's files. VersionMissing when the registry says they are gone; RetryableError when the
+    registry or artifact store does not answer (down, HTTP 5xx), which says nothing about the version."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(folder)))
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise VersionMissing(str(error)) from error
+        transient: Exception = error
+    except (OSError, requests.RequestException) as error:
+        transient = error
+    raise RetryableError(f"could not download {name} version {version} from the registry: {transient}") \
+        from transient
+
+
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)

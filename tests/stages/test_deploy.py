@@ -58,7 +58,7 @@ def test_a_model_that_cannot_load_rolls_the_champion_back(registered: Path, brok
     assert "@champion rolled back to no version" in result.stderr
     record = read_json(root / "reports/deployment.json")
     assert record["status"] == "rolled_back" and record["champion_after"] is None
-    assert "loaded in this process too, it fails" in record["error"]
+    assert "loaded in a fresh process too, it fails" in record["error"]
     assert "champion" not in client.get_registered_model(name).aliases
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
     assert "deploy.rolled_back" in client.get_model_version(name, "1").tags
@@ -90,7 +90,7 @@ def test_a_server_that_fails_around_a_healthy_model_keeps_the_champion(registere
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registered / 'mlflow.db'}")
     monkeypatch.setattr(deploy_stage, "serve_command", lambda *_: [sys.executable, "-c", "raise SystemExit(127)"])
     record = deploy_stage.deploy(load_params().deploy, read_json(registered / "reports/registry.json"))
-    assert record["status"] == "unavailable" and "the model loads and answers in this process" in record["error"]
+    assert record["status"] == "unavailable" and "the model loads and answers in a fresh process" in record["error"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert "deploy.rolled_back" not in client.get_model_version(name, "1").tags
 
